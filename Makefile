@@ -1,0 +1,22 @@
+# Set up and run everything on a machine that has only Python and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+# torch is pinned: on this platform 2.13.0 resolves to a CPU build (a plain `torch` pulls CUDA).
+TORCH ?= torch==2.13.0
+
+.PHONY: install test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH)"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

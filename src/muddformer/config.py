@@ -1,0 +1,285 @@
+"""MuddConfig: every option of the model family in one validated object.
+
+Sizes use the published field names (`vocab_size`, `n_layer`, `dim`, `n_head`, `intermediate_size`,
+`block_size`, `norm_eps`, `rope_base`). An impossible combination fails at construction with a
+ConfigError that names the field, never deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+BLOCKS = ("llama", "pythia")
+CONNECTIONS = ("residual", "mudd", "ddformer", "denseformer", "mudd-static")
+FFN_SCHEDULES = ("constant", "linear")
+DENSE_NORMS = ("none", "prepost")
+TABLE_DTYPES = ("float32", "bfloat16", "float16")
+INIT_METHODS = ("normal", "xavier")
+
+
+def find_multiple(n: int, k: int) -> int:
+    """Smallest multiple of k that is >= n."""
+    return n if n % k == 0 else n + k - n % k
+
+
+@dataclass
+class MuddConfig:
+    """Architecture of a MUDD-family causal language model.
+
+    `block` picks the block family: "llama" (sequential pre-norm, RMSNorm, SwiGLU, full RoPE) or
+    "pythia" (GPT-NeoX parallel residual, LayerNorm and linear biases, GELU MLP, partial RoPE).
+    `connection` picks how each block's inputs are formed from earlier states (see connections/).
+    Fields left as None take the block family's default when the config is built.
+    """
+
+    vocab_size: int = 8192
+    n_layer: int = 4
+    dim: int = 256
+    n_head: int = 4
+    intermediate_size: int | None = None  # None: find_multiple(8*dim/3, 256) llama, 4*dim pythia
+    block_size: int = 256  # context length (positions covered by the rotary table)
+    norm_eps: float | None = None  # None: 1e-6 llama, 1e-5 pythia
+    rope_base: float = 10000.0
+    block: str = "llama"
+    connection: str = "mudd"
+    rotary_pct: float | None = None  # share of head_dim that is rotated; None: 1.0 llama, 0.25 pythia
+    use_qk_norm: bool = True  # per-head RMSNorm of q and k before RoPE (all released models)
+    ffn_schedule: str = "linear"  # "linear": paper's width re-allocation 0.5x -> 1.5x over depth
+    dense_round64: bool = True  # dense-connection generator width rounded up to the next 64-block
+    dense_expand_last: bool = True  # last generator 4x wider
+    dense_norm: str = "none"  # "prepost": PrePostDANorm of paper Eq. 10
+    rope_table_dtype: str = "float32"  # rounding of the cos/sin table; published models use 16-bit
+    tie_word_embeddings: bool = False
+    init_method: str = "normal"  # "normal": N(0, init_std); "xavier": Xavier normal (paper scaling runs)
+    init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._fill_defaults()
+        self._validate()
+
+    # ---- construction helpers -------------------------------------------------------------
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(MuddConfig)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = _allowed_types(hints[f.name])
+            if value is None and type(None) in allowed:
+                continue
+            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed)
+            if not ok:
+                names = " or ".join(t.__name__ for t in allowed)
+                raise ConfigError(f"MuddConfig.{f.name} must be {names}, got {value!r}")
+
+    def _fill_defaults(self) -> None:
+        llama = self.block == "llama"
+        if self.intermediate_size is None:
+            self.intermediate_size = find_multiple(int(8 * self.dim / 3), 256) if llama else 4 * self.dim
+        if self.norm_eps is None:
+            self.norm_eps = 1e-6 if llama else 1e-5
+        if self.rotary_pct is None:
+            self.rotary_pct = 1.0 if llama else 0.25
+
+    def _validate(self) -> None:
+        for name, choices in (("block", BLOCKS), ("connection", CONNECTIONS), ("ffn_schedule", FFN_SCHEDULES),
+                              ("dense_norm", DENSE_NORMS), ("rope_table_dtype", TABLE_DTYPES),
+                              ("init_method", INIT_METHODS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"MuddConfig.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}")
+        for name in ("vocab_size", "n_layer", "dim", "n_head", "intermediate_size", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"MuddConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_base", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"MuddConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_head:
+            raise ConfigError(f"MuddConfig.dim={self.dim} is not divisible by n_head={self.n_head}; pick a dim that is a multiple of n_head")
+        if not 0 < self.rotary_pct <= 1:
+            raise ConfigError(f"MuddConfig.rotary_pct must be in (0, 1], got {self.rotary_pct}")
+        rot = self.rotary_dim
+        if rot == 0 or rot % 2:
+            raise ConfigError(f"MuddConfig.rotary_pct={self.rotary_pct} gives a rotary width of {rot} of head_dim {self.head_dim}; "
+                              "it must be even and positive: change rotary_pct")
+        for layer, width in enumerate(self.ffn_widths):
+            if width <= 0:
+                raise ConfigError(f"MuddConfig.intermediate_size={self.intermediate_size} with ffn_schedule='linear' gives layer {layer} "
+                                  "an FFN width of 0; raise intermediate_size above 128 or use ffn_schedule='constant'")
+        for name in ("bos_token_id", "eos_token_id"):
+            tok = getattr(self, name)
+            if tok is not None and not 0 <= tok < self.vocab_size:
+                raise ConfigError(f"MuddConfig.{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
+
+    # ---- derived sizes ----------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def ffn_widths(self) -> list[int]:
+        """Per-layer FFN width: constant, or the paper's linear re-allocation (spec §2.3).
+
+        H_l = round(intermediate_size * (l/(L-1) + 0.5) / 128) * 128 with Python's round-half-to-even.
+        """
+        L, inter = self.n_layer, self.intermediate_size
+        if self.ffn_schedule == "constant" or L == 1:
+            return [inter] * L
+        return [round(inter * (layer / (L - 1) + 0.5) / 128) * 128 for layer in range(L)]
+
+    @property
+    def is_dense(self) -> bool:
+        return self.connection != "residual"
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MuddConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown MuddConfig field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MuddConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError("config JSON must be an object of MuddConfig fields")
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> "MuddConfig":
+        """A copy with some fields changed (validated like a new config)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MuddConfig":
+        from .presets import PRESETS
+
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def load(cls, path_or_preset: str | os.PathLike) -> "MuddConfig":
+        """A preset name, a JSON file of fields, or a model folder (ours or published)."""
+        from .checkpoints import read_folder_config
+        from .presets import PRESETS
+
+        path = os.fspath(path_or_preset)
+        if path in PRESETS:
+            return cls.from_preset(path)
+        if os.path.isdir(path):
+            return read_folder_config(path)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return cls.from_json(f.read())
+        raise ConfigError(f"{path!r} is neither a preset nor a config file nor a model folder; presets: {', '.join(PRESETS)}")
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...]:
+    args = typing.get_args(hint)
+    return tuple(a for a in args) if args else (hint,)
+
+
+# The published config.json fields (spec §3.1) that describe the computation.
+_PUBLISHED_REQUIRED = ("vocab_size", "n_layer", "n_head", "dim", "block_size")
+
+
+def config_from_published(d: dict[str, Any]) -> MuddConfig:
+    """MuddConfig from a published config.json (model_type "muddformer" or "muddpythia")."""
+    model_type = d.get("model_type")
+    if model_type not in ("muddformer", "muddpythia"):
+        raise ConfigError(f"config.json model_type {model_type!r} is not a MUDD model; expected 'muddformer' or 'muddpythia'")
+    missing = [k for k in _PUBLISHED_REQUIRED if k not in d]
+    if missing:
+        raise ConfigError(f"published config.json lacks field {missing[0]!r}")
+    pythia = model_type == "muddpythia"
+    if d.get("n_local_heads", d["n_head"]) != d["n_head"]:
+        raise ConfigError("config.json n_local_heads differs from n_head: grouped-query attention is not part of the MUDD family")
+    if pythia and not (d.get("use_parallel_residual", True) and d.get("use_linear_bias", True)):
+        raise ConfigError("muddpythia config.json with use_parallel_residual or use_linear_bias false is not a published layout")
+    if not d.get("dense", True):
+        connection = "residual"
+    else:
+        if not d.get("dynamic_dense", True):
+            raise ConfigError("config.json dense=true with dynamic_dense=false has no computation in the reference code; set dynamic_dense=true")
+        if d.get("sepln", True) is False and d.get("dense_type", "qkvr") == "qkvr":
+            raise ConfigError("config.json sepln=false with dense_type 'qkvr' is broken in the reference code; set sepln=true")
+        dense_type = d.get("dense_type", "qkvr")
+        if dense_type not in ("qkvr", "l"):
+            raise ConfigError(f"config.json dense_type {dense_type!r} is unknown; expected 'qkvr' or 'l'")
+        connection = "mudd" if dense_type == "qkvr" else "ddformer"
+    return MuddConfig(
+        vocab_size=d["vocab_size"], n_layer=d["n_layer"], dim=d["dim"], n_head=d["n_head"],
+        intermediate_size=d.get("intermediate_size"), block_size=d["block_size"],
+        norm_eps=d.get("norm_eps", 1e-5 if pythia else 1e-6), rope_base=float(d.get("rope_base", 10000)),
+        block="pythia" if pythia else "llama", connection=connection,
+        rotary_pct=float(d.get("rotary_pct", 0.25)) if pythia else 1.0,
+        use_qk_norm=bool(d.get("use_qk_norm", False)), ffn_schedule="linear",
+        dense_round64=bool(d.get("round64", False)), dense_expand_last=bool(d.get("expand_last", False)),
+        rope_table_dtype="float16" if pythia else "bfloat16",
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+    )
+
+
+def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+    """The published config.json for a model the reference code can compute (spec §3.1)."""
+    problems = []
+    if cfg.connection != "mudd":
+        problems.append(f"connection={cfg.connection!r} (the published layout holds 'mudd' models)")
+    if cfg.ffn_schedule != "linear":
+        problems.append("ffn_schedule='constant' (the reference always uses the linear width schedule)")
+    if cfg.dense_norm != "none":
+        problems.append(f"dense_norm={cfg.dense_norm!r} (the reference has no PrePostDANorm)")
+    if cfg.block == "llama" and cfg.rotary_pct != 1.0:
+        problems.append("partial rotary on the llama block (the reference rotates the full head)")
+    if cfg.tie_word_embeddings:
+        problems.append("tie_word_embeddings=True (the reference has an untied head)")
+    if problems:
+        raise ConfigError("cannot write the published format: " + "; ".join(problems))
+    pythia = cfg.block == "pythia"
+    name = "MUDDPythia" if pythia else "MUDDFormer"
+    module = name.lower()
+    out: dict[str, Any] = {
+        "architectures": [name],
+        "auto_map": {"AutoConfig": f"configuration_{module}.{name}Config", "AutoModelForCausalLM": f"modeling_{module}.{name}"},
+        "block_size": cfg.block_size, "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else (0 if pythia else 1),
+        "dense": True, "dense_type": "qkvr", "dim": cfg.dim, "dynamic_dense": True,
+        "eos_token_id": cfg.eos_token_id if cfg.eos_token_id is not None else (0 if pythia else 2),
+        "expand_last": cfg.dense_expand_last, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
+        "is_training": False, "model_type": module, "n_head": cfg.n_head, "n_layer": cfg.n_layer,
+        "n_local_heads": cfg.n_head, "norm_eps": cfg.norm_eps, "rope_base": int(cfg.rope_base) if float(cfg.rope_base).is_integer() else cfg.rope_base,
+        "round64": cfg.dense_round64, "sepln": True, "stack_hidden": False, "tie_word_embeddings": False,
+        "torch_dtype": torch_dtype, "transformers_version": "4.35.0", "use_gradient_checkpointing": False,
+        "use_layer_cache": True, "use_qk_norm": cfg.use_qk_norm, "vocab_size": cfg.vocab_size,
+    }
+    if pythia:
+        out.update(rotary_pct=cfg.rotary_pct, use_linear_bias=True, use_parallel_residual=True)
+    return dict(sorted(out.items()))
+
+
+__all__ = ["MuddConfig", "config_from_published", "config_to_published", "find_multiple", "BLOCKS", "CONNECTIONS"]

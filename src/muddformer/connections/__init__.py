@@ -1,0 +1,25 @@
+"""How a block's inputs are formed from earlier states: one class per variant, chosen by name."""
+
+from __future__ import annotations
+
+from ..config import CONNECTIONS, MuddConfig
+from .base import Connection, DepthState
+from .dense import (DDFormerConnection, DenseConnection, DenseFormerConnection, MuddConnection,
+                    StaticMultiwayConnection)
+from .residual import ResidualConnection
+
+REGISTRY: dict[str, type[Connection]] = {
+    "residual": ResidualConnection,
+    "mudd": MuddConnection,
+    "ddformer": DDFormerConnection,
+    "denseformer": DenseFormerConnection,
+    "mudd-static": StaticMultiwayConnection,
+}
+assert set(REGISTRY) == set(CONNECTIONS), "config.CONNECTIONS and the registry must name the same variants"
+
+
+def build_connection(cfg: MuddConfig) -> Connection:
+    return REGISTRY[cfg.connection](cfg)
+
+
+__all__ = ["Connection", "DepthState", "DenseConnection", "REGISTRY", "build_connection", *[c.__name__ for c in REGISTRY.values()]]

@@ -1,0 +1,58 @@
+"""The interface every connection implements (DESIGN.md idea 1).
+
+A connection decides what each block reads. The body loop is the same for all of them:
+
+    state = conn.begin(embedding)
+    for layer, block in enumerate(blocks):
+        out = block(conn.block_input(state, layer))
+        conn.advance(state, layer, out)
+    final = conn.output(state)
+
+Blocks never know which connection fed them; a new variant is one new class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import MuddConfig
+from ..layers import BlockInput
+
+
+@dataclass
+class DepthState:
+    """What a connection keeps while the body runs: stored states and the next block's input."""
+
+    inputs: BlockInput
+    states: list[torch.Tensor] = field(default_factory=list)
+
+
+class Connection(nn.Module):
+    """Base class: forms block inputs from the embedding and earlier block outputs."""
+
+    def __init__(self, cfg: MuddConfig):
+        super().__init__()
+        self.n_layer = cfg.n_layer
+
+    def multiway_input(self, layer: int) -> bool:
+        """True when block `layer` reads four streams (q, k, v, r) and needs three pre-norms."""
+        return False
+
+    def begin(self, x0: torch.Tensor) -> DepthState:
+        return DepthState(inputs=x0)
+
+    def block_input(self, state: DepthState, layer: int) -> BlockInput:
+        return state.inputs
+
+    def advance(self, state: DepthState, layer: int, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def output(self, state: DepthState) -> torch.Tensor:
+        out = state.inputs
+        return out[-1] if isinstance(out, tuple) else out
+
+    def reset_parameters(self) -> None:
+        """Initialise so that the network computes exactly what a residual network computes."""

@@ -1,0 +1,5 @@
+"""The depth-wise weighted sum over stored states: MUDD's one hot spot (DESIGN.md idea 4)."""
+
+from .depth_mix import depth_mix, depth_mix_reference
+
+__all__ = ["depth_mix", "depth_mix_reference"]

@@ -1,0 +1,159 @@
+"""Building blocks of the body: norms, rotary embedding, attention, MLPs and the two block families."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MuddConfig
+
+TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back before the weight (as the reference does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rms_norm_no_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The dense-weight generator's norm: no weight and no float32 upcast (spec §2.2)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def make_norm(cfg: MuddConfig, dim: int | None = None) -> nn.Module:
+    """The block family's norm: RMSNorm (llama) or LayerNorm with bias (pythia)."""
+    dim = cfg.dim if dim is None else dim
+    return RMSNorm(dim, cfg.norm_eps) if cfg.block == "llama" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+def rotary_table(cfg: MuddConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """cos/sin for positions [0, block_size) as a (block_size, rotary_dim/2, 2) float32 tensor.
+
+    Computed in float32, then rounded through `rope_table_dtype`: the published models use a
+    bfloat16 (MUDDFormer) or float16 (MUDDPythia) table, which moves scores measurably (spec §2.5).
+    """
+    n = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, n, 2, device=device)[: n // 2].float() / n))
+    angles = torch.outer(torch.arange(cfg.block_size, device=device).float(), inv_freq)
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return table.to(TABLE_DTYPES[cfg.rope_table_dtype]).float()
+
+
+def apply_rotary(x: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotate-half RoPE on the first `rotary_dim` features of x (B, T, H, d); table is (T, rotary_dim/2, 2).
+
+    The reference writes the rotated pairs interleaved; the same permutation hits q and k, so
+    attention scores are identical to this contiguous layout (spec §2.5).
+    """
+    half = rotary_dim // 2
+    xf = x[..., :rotary_dim].float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    cos = table[None, :, None, :, 0]
+    sin = table[None, :, None, :, 1]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+    if rotary_dim == x.shape[-1]:
+        return rotated
+    return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with separate q/k/v inputs, optional per-head QK RMSNorm, RoPE."""
+
+    def __init__(self, cfg: MuddConfig):
+        super().__init__()
+        bias = cfg.block == "pythia"
+        self.n_head, self.head_dim, self.rotary_dim = cfg.n_head, cfg.head_dim, cfg.rotary_dim
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=bias)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=bias)
+        if cfg.use_qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        B, T, D = xq.shape
+        q = self.wq(xq).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(xk).view(B, T, self.n_head, self.head_dim)
+        v = self.wv(xv).view(B, T, self.n_head, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, rope, self.rotary_dim), apply_rotary(k, rope, self.rotary_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no bias (llama family)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    """w2(gelu(w1 x)) with biases and exact (erf) GELU (pythia family)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
+BlockInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Block(nn.Module):
+    """One transformer block fed by a connection.
+
+    Input is one state (used for q, k, v and the residual) or four streams (XQ, XK, XV, XR). With
+    four streams, Q, K and V each get their own pre-norm and XR stays un-normalised (spec §2.3).
+    llama: h = XR + Attn; out = h + FFN(norm(h)).  pythia: out = XR + Attn + FFN(norm(XR)).
+    """
+
+    def __init__(self, cfg: MuddConfig, ffn_width: int, multiway_input: bool):
+        super().__init__()
+        if multiway_input:
+            self.attention_norms = nn.ModuleList(make_norm(cfg) for _ in range(3))
+        else:
+            self.attention_norm = make_norm(cfg)
+        self.attention = Attention(cfg)
+        mlp = SwiGLU if cfg.block == "llama" else GeluMLP
+        self.feed_forward = mlp(cfg.dim, ffn_width)
+        self.ffn_norm = make_norm(cfg)
+        self.parallel_residual = cfg.block == "pythia"
+
+    def forward(self, x: BlockInput, rope: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, tuple):
+            xq, xk, xv, xr = x
+            nq, nk, nv = (norm(s) for norm, s in zip(self.attention_norms, (xq, xk, xv)))
+        else:
+            xr = x
+            nq = nk = nv = self.attention_norm(x)
+        attn = self.attention(nq, nk, nv, rope)
+        if self.parallel_residual:
+            return xr + attn + self.feed_forward(self.ffn_norm(xr))
+        h = xr + attn
+        return h + self.feed_forward(self.ffn_norm(h))

@@ -1,0 +1,154 @@
+"""The plain-PyTorch model: embed -> blocks fed by a connection -> norm -> untied head.
+
+It knows nothing about parallelism, checkpoints or Hugging Face (DESIGN.md ideas 3 and 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MuddConfig
+from .connections import build_connection
+from .errors import InputError
+from .layers import Block, RMSNorm, make_norm, rotary_table
+
+
+@dataclass
+class CausalLMOutput:
+    """logits (B, T, vocab) and, when labels were given, the mean shifted next-token loss."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class MuddModel(nn.Module):
+    """A causal language model of the MUDD family, configured by one MuddConfig."""
+
+    def __init__(self, cfg: MuddConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.connection = build_connection(cfg)
+        self.layers = nn.ModuleList(
+            Block(cfg, width, self.connection.multiway_input(layer)) for layer, width in enumerate(cfg.ffn_widths))
+        self.norm = make_norm(cfg)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope", rotary_table(cfg), persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Fresh weights: N(0, init_std) or Xavier normal for matrices, norms 1, biases 0; then the
+        connection's own init, which makes a fresh model compute exactly what a residual one does."""
+        connection_modules = set(self.connection.modules())
+        for module in self.modules():
+            if module in connection_modules:
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if self.config.init_method == "xavier":
+                    nn.init.xavier_normal_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, std=self.config.init_std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        self.connection.reset_parameters()
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Recompute the rotary table from the config (float32, with its configured rounding)."""
+        self.rope = rotary_table(self.config, device=self.rope.device if device is None else device)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the rotary table float32 whatever dtype the weights take.
+        super()._apply(fn, recurse)
+        self.reset_rope()
+        return self
+
+    def check_inputs(self, input_ids: torch.Tensor) -> None:
+        """Clear errors for inputs the model cannot take, instead of an index error deep inside."""
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        T = input_ids.shape[1]
+        if T == 0:
+            raise InputError("input_ids is empty: give at least one token")
+        if T > self.config.block_size:
+            raise InputError(f"sequence length {T} exceeds the context length block_size={self.config.block_size}; "
+                             "truncate the input or use a model with a longer context")
+        if torch.compiler.is_compiling() or input_ids.device.type == "meta":
+            return
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = hi if hi >= self.config.vocab_size else lo
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
+                             "the tokenizer and the model do not match")
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CausalLMOutput:
+        self.check_inputs(input_ids)
+        T = input_ids.shape[1]
+        rope = self.rope[:T]
+        conn = self.connection
+        state = conn.begin(self.tok_embeddings(input_ids))
+        for layer, block in enumerate(self.layers):
+            conn.advance(state, layer, block(conn.block_input(state, layer), rope))
+        logits = self.output(self.norm(conn.output(state)))
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of position t's logits against labels[t+1]; label -100 is ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise InputError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(logits.shape[:2])}")
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def count_parameters(model: nn.Module) -> dict[str, float]:
+    """Total parameters, the dense-connection ones (generator W1, W2 and static prior) and their share in %."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    core = model if isinstance(model, MuddModel) else model.model
+    dense = sum(p.numel() for p in core.connection.parameters())
+    return {"total": total, "dense": dense, "dense_pct": 100.0 * dense / total if total else 0.0}
+
+
+def copy_shared_weights(src: MuddModel, dst: MuddModel) -> list[str]:
+    """Copy every body weight of `src` into `dst`; returns the names of dst left untouched.
+
+    Connections differ in their own tensors and in how many pre-norms a block has; a block that
+    reads four streams gets the single `attention_norm` of `src` into each of its three norms.
+    This starts a dense model from a trained residual one (or compares them on equal weights).
+    """
+    source = src.state_dict()
+    untouched = []
+    with torch.no_grad():
+        for name, tensor in dst.state_dict().items():
+            origin = name if name in source else _single_norm_name(name)
+            if origin in source and not name.startswith("connection."):
+                if source[origin].shape != tensor.shape:
+                    raise InputError(f"cannot copy {origin!r}: shape {tuple(source[origin].shape)} "
+                                     f"does not match {tuple(tensor.shape)}")
+                tensor.copy_(source[origin])
+            else:
+                untouched.append(name)
+    return untouched
+
+
+def _single_norm_name(name: str) -> str:
+    # layers.{l}.attention_norms.{i}.weight -> layers.{l}.attention_norm.weight
+    parts = name.split(".")
+    if len(parts) == 5 and parts[2] == "attention_norms":
+        return ".".join(parts[:2] + ["attention_norm", parts[4]])
+    return name

@@ -1,0 +1,55 @@
+"""Named configurations: the published checkpoints, the paper's scaling sizes, small CPU models.
+
+Each preset is a dict of MuddConfig fields; fields it leaves out take the block family's defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PILE = dict(vocab_size=50432, block_size=2048)
+_PILE_PYTHIA = dict(vocab_size=50304, block_size=2048)  # Pythia pads its embedding to 50304, MUDDPythia to 50432
+# Baselines keep the block but use a plain residual stream and constant FFN width (paper Fig. 3).
+_TFMPP = dict(connection="residual", ffn_schedule="constant", use_qk_norm=False)
+_MUDD = dict(connection="mudd", ffn_schedule="linear")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The three published checkpoints (spec §3.1).
+    "muddformer-2.8b": dict(_PILE, block="llama", n_layer=32, dim=2560, n_head=32, intermediate_size=6912,
+                            bos_token_id=1, eos_token_id=2, **_MUDD),
+    "muddpythia-1.4b": dict(_PILE, block="pythia", n_layer=24, dim=2048, n_head=16, intermediate_size=8192,
+                            bos_token_id=0, eos_token_id=0, **_MUDD),
+    "muddpythia-2.8b": dict(_PILE, block="pythia", n_layer=32, dim=2560, n_head=32, intermediate_size=10240,
+                            bos_token_id=0, eos_token_id=0, **_MUDD),
+    # Their baselines: the same body with a residual stream (Pythia as in the paper's Table 3).
+    "tfm++-2.8b": dict(_PILE, block="llama", n_layer=32, dim=2560, n_head=32, intermediate_size=6912, **_TFMPP),
+    "pythia-1.4b": dict(_PILE_PYTHIA, block="pythia", n_layer=24, dim=2048, n_head=16, intermediate_size=8192,
+                        bos_token_id=0, eos_token_id=0, **_TFMPP),
+    "pythia-2.8b": dict(_PILE_PYTHIA, block="pythia", n_layer=32, dim=2560, n_head=32, intermediate_size=10240,
+                        bos_token_id=0, eos_token_id=0, **_TFMPP),
+}
+
+# The paper's scaling sizes (spec §5, Table 2); DeepNarrow MUDD runs use PrePostDANorm (spec §2.8).
+_SCALING = {
+    "405m": dict(n_layer=24, dim=1024, n_head=16),
+    "834m": dict(n_layer=24, dim=1536, n_head=24),
+    "1.4b": dict(n_layer=24, dim=2048, n_head=32),
+    "deepnarrow-797m": dict(n_layer=34, dim=1280, n_head=20),
+    "deepnarrow-1.34b": dict(n_layer=42, dim=1536, n_head=24),
+}
+for _size, _shape in _SCALING.items():
+    PRESETS[f"tfm++-{_size}"] = dict(_PILE, block="llama", **_shape, **_TFMPP)
+    _extra = dict(dense_norm="prepost") if _size.startswith("deepnarrow") else {}
+    PRESETS[f"muddformer-{_size}"] = dict(_PILE, block="llama", use_qk_norm=False, **_shape, **_MUDD, **_extra)
+
+# Small models for CPU work (8k vocabulary) and tests.
+_CPU = {
+    "nano": dict(vocab_size=256, block_size=64, n_layer=2, dim=64, n_head=2),
+    "tiny": dict(vocab_size=8192, block_size=256, n_layer=4, dim=256, n_head=4),
+    "small": dict(vocab_size=8192, block_size=512, n_layer=8, dim=384, n_head=6),
+}
+for _size, _shape in _CPU.items():
+    PRESETS[_size] = dict(block="llama", **_shape, **_MUDD)
+    PRESETS[f"tfm++-{_size}"] = dict(block="llama", **_shape, **_TFMPP)
+PRESETS["muddpythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_MUDD)
+PRESETS["pythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_TFMPP)

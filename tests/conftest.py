@@ -1,0 +1,43 @@
+"""Shared test helpers: the reference fixtures and small models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from muddformer import MuddConfig, MuddModel
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("MUDD_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
+FIXTURE_NAMES = ["mf_tiny", "mp_tiny"]
+# Logit tolerances stated in each fixture's README.txt.
+FIXTURE_TOL = {"mf_tiny": 2e-5, "mp_tiny": 1e-5}
+ALL_CONNECTIONS = ["residual", "mudd", "ddformer", "denseformer", "mudd-static"]
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"reference fixtures not found at {FIXTURES}; set MUDD_FIXTURES to the shared/fixtures/official folder")
+    return FIXTURES
+
+
+def small_config(**overrides) -> MuddConfig:
+    base = dict(vocab_size=97, n_layer=3, dim=32, n_head=2, block_size=24, intermediate_size=192, init_std=0.1)
+    return MuddConfig(**{**base, **overrides})
+
+
+def build(seed: int = 0, **overrides) -> MuddModel:
+    torch.manual_seed(seed)
+    return MuddModel(small_config(**overrides))
+
+
+def randomize_connection(model: MuddModel, seed: int = 1, scale: float = 0.3) -> None:
+    """Move the connection away from its identity init so that every dense path is active."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.connection.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))

@@ -1,0 +1,193 @@
+"""The connection family: identity at init, an independent recomputation, causality, gradients, shapes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muddformer import MuddModel, copy_shared_weights
+from muddformer.connections.dense import generator_width
+from muddformer.kernels import depth_mix, depth_mix_reference
+
+from conftest import ALL_CONNECTIONS, build, randomize_connection, small_config
+
+BLOCKS = ["llama", "pythia"]
+VARIANTS = [(c, "none") for c in ALL_CONNECTIONS] + [(c, "prepost") for c in ALL_CONNECTIONS if c != "residual"]
+
+
+def ids(batch=2, seq=11, seed=3, vocab=97):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("connection, dense_norm", VARIANTS)
+def test_fresh_model_computes_exactly_the_residual_model(block, connection, dense_norm):
+    residual = build(seed=5, block=block, connection="residual")
+    model = build(seed=6, block=block, connection=connection, dense_norm=dense_norm)
+    untouched = copy_shared_weights(residual, model)
+    assert all(name.startswith("connection.") for name in untouched)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, residual(x).logits)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("connection", ["mudd", "ddformer", "denseformer", "mudd-static"])
+def test_trained_connection_changes_the_output(block, connection):
+    model = build(block=block, connection=connection)
+    x = ids()
+    with torch.no_grad():
+        before = model(x).logits
+        randomize_connection(model)
+        assert (model(x).logits - before).abs().max() > 1e-3
+
+
+def explicit_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
+    """The dense computation written out from spec §2.2 / §2.8, independent of the connection classes."""
+    cfg, conn = model.config, model.connection
+    L, T = cfg.n_layer, x.shape[1]
+    prepost = cfg.dense_norm == "prepost"
+    rope = model.rope[:T]
+    h = model.tok_embeddings(x)
+    stored = [conn.pre_norms[0](h) if prepost else h]
+    inputs = h
+    for layer, block in enumerate(model.layers):
+        out = block(inputs, rope)
+        stored.append(conn.pre_norms[layer + 1](out) if prepost else out)
+        prior = conn.dense_bs[layer]  # (C, n)
+        C, n = prior.shape
+        if hasattr(conn, "dynamic_dense"):
+            gen = conn.dynamic_dense[layer]
+            normed = gen.norm(out) if prepost else out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+            flat = F.gelu(normed @ gen.w1.weight.T) @ gen.w2.weight.T  # (B, T, C*n), index c*n + j
+            weights = torch.stack([flat[..., c * n:(c + 1) * n] for c in range(C)]) + prior[:, None, None, :]
+        else:
+            weights = prior[:, None, None, :].expand(C, *out.shape[:2], n)
+        streams = [torch.einsum("btj,jbtd->btd", weights[c], torch.stack(stored)) for c in range(C)]
+        if prepost:
+            streams = [out + (conn.post_norms[layer](s) if c == C - 1 else s) for c, s in enumerate(streams)]
+        inputs = tuple(streams) if C == 4 else streams[0]
+    return model.output(model.norm(inputs))
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("connection, dense_norm", [v for v in VARIANTS if v[0] != "residual"])
+def test_dense_variants_match_the_explicit_formula(block, connection, dense_norm):
+    model = build(block=block, connection=connection, dense_norm=dense_norm)
+    randomize_connection(model)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, explicit_forward(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_stream_layout_of_mudd():
+    model = build(connection="mudd")
+    conn = model.connection
+    assert conn.streams == [4, 4, 1]
+    assert [tuple(b.shape) for b in conn.dense_bs] == [(4, 2), (4, 3), (1, 4)]
+    assert [b.tolist() for b in conn.dense_bs][0] == [[0, 1]] * 4  # one-hot on the newest state
+    assert [g.w1.weight.shape[0] for g in conn.dynamic_dense] == [64, 64, 64]
+    assert all(bool((g.w2.weight == 0).all()) for g in conn.dynamic_dense)
+    assert [model.connection.multiway_input(l) for l in range(3)] == [False, True, True]
+    assert generator_width(4, 33, last=False, expand_last=True, round64=True) == 192  # 132 -> 192
+    assert generator_width(1, 33, last=True, expand_last=True, round64=True) == 192  # 132 -> 192
+    assert generator_width(4, 16, last=False, expand_last=True, round64=True) == 128  # 64 -> 128 (always adds)
+    assert generator_width(4, 16, last=False, expand_last=True, round64=False) == 64
+
+
+def test_depth_mix_reference_against_einsum():
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]
+    for weights in (torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 1, 1, 4, generator=g)):
+        mixed = depth_mix(states, weights)
+        full = weights.expand(3, 2, 5, 4)
+        for c in range(3):
+            torch.testing.assert_close(mixed[c], torch.einsum("btj,jbtd->btd", full[c], torch.stack(states)))
+    with pytest.raises(ValueError, match="3 weights per stream for 4 states"):
+        depth_mix_reference(states, torch.randn(1, 1, 1, 3))
+    with pytest.raises(ValueError, match="unknown depth_mix implementation"):
+        depth_mix(states, weights, impl="magic")
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("connection", ALL_CONNECTIONS)
+def test_causality(block, connection):
+    model = build(block=block, connection=connection)
+    randomize_connection(model)
+    x = ids(seq=16)
+    y = x.clone()
+    y[:, 9:] = (y[:, 9:] + 1) % 97
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :9], b[:, :9], atol=1e-6, rtol=0)
+    assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("connection, dense_norm", VARIANTS)
+def test_every_parameter_gets_a_gradient_after_one_step(block, connection, dense_norm):
+    model = build(block=block, connection=connection, dense_norm=dense_norm)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = ids(seq=12)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+    opt.zero_grad()
+    model(x, labels=x).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
+
+
+def test_loss_is_mean_shifted_cross_entropy_with_ignore_index():
+    model = build()
+    x = ids(seq=10)
+    labels = x.clone()
+    labels[0, 4:7] = -100
+    out = model(x, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 97)
+    target = labels[:, 1:].reshape(-1)
+    keep = target != -100
+    manual = -torch.log_softmax(logits[keep], -1).gather(1, target[keep, None]).mean()
+    torch.testing.assert_close(out.loss, manual)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("connection", ALL_CONNECTIONS)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 24), (3, 1), (2, 24)])
+def test_odd_shapes(block, connection, shape):
+    model = build(block=block, connection=connection)
+    randomize_connection(model)
+    x = ids(*shape)
+    with torch.no_grad():
+        out = model(x, labels=x)
+        first = model(x[:, :1]).logits
+    assert out.logits.shape == (*shape, 97)
+    assert torch.isfinite(out.logits).all()
+    torch.testing.assert_close(out.logits[:, :1], first, atol=1e-4, rtol=1e-4)
+    if shape[1] > 1:
+        assert torch.isfinite(out.loss)
+
+
+def test_tied_embeddings():
+    model = build(tie_word_embeddings=True)
+    assert model.output.weight is model.tok_embeddings.weight
+    model.to(torch.float64)
+    assert model.output.weight is model.tok_embeddings.weight and model.rope.dtype == torch.float32
+
+
+def test_xavier_init_method():
+    model = build(init_method="xavier", dim=64, n_head=2)
+    std = model.layers[0].attention.wq.weight.std().item()
+    assert std == pytest.approx((2 / (64 + 64)) ** 0.5, rel=0.1)
+
+
+def test_compiles_with_fullgraph():
+    model = build(connection="mudd")
+    randomize_connection(model)
+    x = ids()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
