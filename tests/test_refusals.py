@@ -14,22 +14,21 @@ from muddformer.checkpoints import atomic_path, write_json_atomic
 from conftest import build
 
 
-@pytest.fixture
-def folder(fixtures_dir, tmp_path):
-    dst = tmp_path / "model"
-    shutil.copytree(fixtures_dir / "mf_tiny", dst)
+def writable_copy(src, dst):
+    shutil.copytree(src, dst)
     for f in dst.iterdir():
         f.chmod(0o644)
     return dst
+
+
+@pytest.fixture
+def folder(fixtures_dir, tmp_path):
+    return writable_copy(fixtures_dir / "mf_tiny", tmp_path / "model")
 
 
 @pytest.fixture
 def sharded(fixtures_dir, tmp_path):
-    dst = tmp_path / "sharded"
-    shutil.copytree(fixtures_dir / "mp_tiny", dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
-    return dst
+    return writable_copy(fixtures_dir / "mp_tiny", tmp_path / "sharded")  # two shards and an index
 
 
 def rewrite(path, change):

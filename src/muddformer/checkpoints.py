@@ -180,15 +180,19 @@ def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch
                                   f"the config expects {tuple(ref.shape)}")
 
 
-def load_model(folder: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
+def load_model(folder: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+               **config_overrides):
     """Build the core model of a folder (ours or published) and load its weights.
 
-    dtype: None keeps float32; "auto" takes the folder's stored dtype.
+    dtype: None gives float32; "auto" takes the folder's stored dtype. config_overrides change
+    computation options that leave the weights as they are, e.g. attn_impl="sdpa".
     """
     from .model import MuddModel
 
     raw = read_folder_raw_config(folder)
     cfg = config_from_raw(raw)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
     if dtype == "auto":
         dtype = raw.get("torch_dtype", "float32")
     dtype = parse_dtype(dtype) or torch.float32

@@ -22,6 +22,7 @@ FFN_SCHEDULES = ("constant", "linear")
 DENSE_NORMS = ("none", "prepost")
 TABLE_DTYPES = ("float32", "bfloat16", "float16")
 INIT_METHODS = ("normal", "xavier")
+ATTN_IMPLS = ("sdpa", "reference")
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -56,6 +57,7 @@ class MuddConfig:
     dense_expand_last: bool = True  # last generator 4x wider
     dense_norm: str = "none"  # "prepost": PrePostDANorm of paper Eq. 10
     rope_table_dtype: str = "float32"  # rounding of the cos/sin table; published models use 16-bit
+    attn_impl: str = "sdpa"  # "reference": the published code's explicit softmax, bit-exact in bfloat16
     tie_word_embeddings: bool = False
     init_method: str = "normal"  # "normal": N(0, init_std); "xavier": Xavier normal (paper scaling runs)
     init_std: float = 0.02
@@ -95,7 +97,7 @@ class MuddConfig:
     def _validate(self) -> None:
         for name, choices in (("block", BLOCKS), ("connection", CONNECTIONS), ("ffn_schedule", FFN_SCHEDULES),
                               ("dense_norm", DENSE_NORMS), ("rope_table_dtype", TABLE_DTYPES),
-                              ("init_method", INIT_METHODS)):
+                              ("init_method", INIT_METHODS), ("attn_impl", ATTN_IMPLS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"MuddConfig.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}")
         for name in ("vocab_size", "n_layer", "dim", "n_head", "intermediate_size", "block_size"):
@@ -240,7 +242,7 @@ def config_from_published(d: dict[str, Any]) -> MuddConfig:
         rotary_pct=float(d.get("rotary_pct", 0.25)) if pythia else 1.0,
         use_qk_norm=bool(d.get("use_qk_norm", False)), ffn_schedule="linear",
         dense_round64=bool(d.get("round64", False)), dense_expand_last=bool(d.get("expand_last", False)),
-        rope_table_dtype="float16" if pythia else "bfloat16",
+        rope_table_dtype="float16" if pythia else "bfloat16", attn_impl="reference",
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
     )

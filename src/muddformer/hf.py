@@ -85,9 +85,14 @@ class MuddForCausalLM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *args: Any, torch_dtype: Any = None, dtype: Any = None,
-                        device: str | torch.device | None = None, **kwargs: Any) -> "MuddForCausalLM":
-        """Load our folder or a published one. dtype (alias torch_dtype): None = float32, "auto" = as stored."""
-        core = checkpoints.load_model(os.fspath(folder), dtype=dtype if dtype is not None else torch_dtype, device=device)
+                        device: str | torch.device | None = None, **config_overrides: Any) -> "MuddForCausalLM":
+        """Load our folder or a published one.
+
+        dtype (alias torch_dtype): None = float32, "auto" = as stored. Keyword arguments that name
+        MuddConfig fields override the folder's config, e.g. attn_impl="sdpa" for the fused kernel.
+        """
+        core = checkpoints.load_model(os.fspath(folder), dtype=dtype if dtype is not None else torch_dtype,
+                                      device=device, **config_overrides)
         return cls(MuddHFConfig.from_mudd(core.config), model=core).eval()
 
     def save_pretrained(self, folder: str | os.PathLike, *args: Any, published_format: bool = False,

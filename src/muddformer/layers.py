@@ -67,6 +67,22 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch
     return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
 
 
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_float32: bool) -> torch.Tensor:
+    """Causal attention computed as the reference implementation does, for bit-parity in 16-bit dtypes.
+
+    Scores in the model dtype; the llama family casts them to float32 for the masked softmax and
+    back, the pythia family softmaxes in the model dtype (spec §2.3, §2.4).
+    """
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if softmax_float32:
+        scores = scores.float()
+    mask_value = torch.finfo(scores.dtype if softmax_float32 else torch.float16).min
+    probs = torch.softmax(scores.masked_fill(~causal, mask_value), dim=-1).to(v.dtype)
+    return probs @ v
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with separate q/k/v inputs, optional per-head QK RMSNorm, RoPE."""
 
@@ -74,6 +90,7 @@ class Attention(nn.Module):
         super().__init__()
         bias = cfg.block == "pythia"
         self.n_head, self.head_dim, self.rotary_dim = cfg.n_head, cfg.head_dim, cfg.rotary_dim
+        self.attn_impl, self.softmax_float32 = cfg.attn_impl, cfg.block == "llama"
         self.wq = nn.Linear(cfg.dim, cfg.dim, bias=bias)
         self.wk = nn.Linear(cfg.dim, cfg.dim, bias=bias)
         self.wv = nn.Linear(cfg.dim, cfg.dim, bias=bias)
@@ -93,7 +110,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope, self.rotary_dim), apply_rotary(k, rope, self.rotary_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
+        if self.attn_impl == "reference":
+            out = reference_attention(q, k, v, self.softmax_float32)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 
 
