@@ -5,7 +5,7 @@ BIN = $(VENV)/bin
 # torch is pinned: on this platform 2.13.0 resolves to a CPU build (a plain `torch` pulls CUDA).
 TORCH ?= torch==2.13.0
 
-.PHONY: install test clean
+.PHONY: install test train clean
 
 install: $(VENV)/.installed
 
@@ -20,3 +20,7 @@ test: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+
+# The main job: the tiny MUDDFormer on the bundled Shakespeare corpus, on the CPU.
+train: install
+	$(BIN)/mudd train --preset tiny --out runs/tiny-mudd

@@ -41,3 +41,15 @@ def randomize_connection(model: MuddModel, seed: int = 1, scale: float = 0.3) ->
     with torch.no_grad():
         for p in model.connection.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def play_data(tmp_path_factory):
+    """Four plays of the bundled corpus tokenised with a 512-token BPE (the `nano` preset's vocabulary)."""
+    from muddformer.data import bundled_plays, prepare_documents
+
+    plays = {p["name"]: p["text"] for p in bundled_plays()}
+    docs = {"train": [plays["macbeth"], plays["hamlet"], plays["othello"]], "val": [plays["the-tempest"]]}
+    out = tmp_path_factory.mktemp("data") / "plays-bpe512"
+    prepare_documents(docs, out, vocab_size=512)
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ def atomic_path(path: str) -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the mode a plain open() would
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -53,6 +55,30 @@ def atomic_path(path: str) -> Iterator[str]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary folder next to `path`; on success it replaces `path` whole, on error it is removed."""
+    final = os.path.abspath(path)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())
+    try:
+        yield tmp
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str, obj: object) -> None:

@@ -76,6 +76,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, field=args.field,
+                   val_fraction=args.val_fraction, val_inputs=args.val, shard_tokens=args.shard_tokens, progress=True)
+    splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in meta["splits"].items())
+    print(f"{args.out}: vocabulary {meta['vocab_size']:,} ({meta['dtype']}); {splits}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import config_from_args, train
+
+    train(config_from_args(args))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mudd", description="MUDD models: inspect, convert, train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +110,21 @@ def make_parser() -> argparse.ArgumentParser:
                    help="weights dtype to write (default: as stored; bfloat16 for --published-format)")
     p.add_argument("--max-shard-size", default="5GB", help="split weights into shards above this size (default 5GB)")
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("prepare", help="tokenise text or .jsonl into memory-mapped token shards")
+    p.add_argument("inputs", nargs="+", help="text files, .jsonl files or folders of them")
+    p.add_argument("--out", required=True, help="data folder to write")
+    p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE (default 8192)")
+    p.add_argument("--field", default="text", help="text field of .jsonl records (default text)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
+    p.add_argument("--val", nargs="+", help="validation files instead of a held-out share")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.set_defaults(func=cmd_prepare)
+    from .train import add_train_arguments
+
+    p = sub.add_parser("train", help="train a model (bundled corpus by default); re-running resumes")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

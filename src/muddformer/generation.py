@@ -33,3 +33,25 @@ def greedy_generate(model: MuddModel, input_ids: torch.Tensor, max_new_tokens: i
         if eos_token_id is not None and bool(done.all()):
             break
     return ids
+
+
+@torch.no_grad()
+def sample_generate(model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Prompt + max_new_tokens sampled ids (temperature, top-k), recomputing the full window each step.
+
+    Past the context length the window slides, keeping the last block_size tokens.
+    """
+    if temperature <= 0:
+        raise InputError(f"temperature must be > 0, got {temperature}; use greedy_generate for temperature 0")
+    model.check_inputs(input_ids)
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -model.config.block_size:]).logits[:, -1].float() / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(ids.device)
+        ids = torch.cat([ids, nxt.to(ids.dtype)], dim=1)
+    return ids

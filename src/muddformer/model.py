@@ -107,8 +107,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of position t's logits against labels[t+1]; label -100 is ignored."""
     if labels.shape != logits.shape[:2]:
         raise InputError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(logits.shape[:2])}")
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+    return next_token_loss(logits[:, :-1], labels[:, 1:])
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean float32 cross-entropy of logits (B, T, V) against already-shifted targets (B, T); -100 ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
 
 
 def count_parameters(model: nn.Module) -> dict[str, float]:

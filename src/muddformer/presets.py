@@ -44,7 +44,7 @@ for _size, _shape in _SCALING.items():
 
 # Small models for CPU work (8k vocabulary) and tests.
 _CPU = {
-    "nano": dict(vocab_size=256, block_size=64, n_layer=2, dim=64, n_head=2),
+    "nano": dict(vocab_size=512, block_size=64, n_layer=2, dim=64, n_head=2),
     "tiny": dict(vocab_size=8192, block_size=256, n_layer=4, dim=256, n_head=4),
     "small": dict(vocab_size=8192, block_size=512, n_layer=8, dim=384, n_head=6),
 }

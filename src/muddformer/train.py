@@ -1,0 +1,491 @@
+"""`mudd train`: the training loop, from one CPU to many GPUs under torchrun.
+
+    mudd train --preset tiny --max-steps 30                      # bundled corpus, CPU
+    torchrun --nproc_per_node=8 -m muddformer.train --preset muddformer-405m --data DIR --parallel fsdp
+
+The paper's recipe by default (spec §5): AdamW beta=(0.9, 0.95), weight decay 0.1 on matrices,
+gradient clipping 1.0, 1 % linear warmup, cosine decay to 10 % of the peak learning rate.
+Re-running the same command resumes from the newest readable checkpoint in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoints import atomic_path, write_json_atomic
+from .config import MuddConfig
+from .data import DataError, TokenData, bundled_data_dir, eval_windows, iter_eval_batches, load_tokenizer, sample_batch
+from .errors import ConfigError, MuddError
+from .model import MuddModel, count_parameters, next_token_loss
+from .parallel import DistInfo, all_reduce_mean, close_distributed, init_distributed, parallelize
+from .run_checkpoints import list_checkpoints, resume_latest, save_checkpoint
+
+# Peak learning rates of the paper (spec §5) and of the Pythia recipe; small CPU models train faster higher.
+DEFAULT_LR = {"405m": 3e-4, "834m": 2.5e-4, "1.4b": 2e-4, "deepnarrow-797m": 2.5e-4, "deepnarrow-1.34b": 2e-4,
+              "muddformer-2.8b": 3.2e-4, "tfm++-2.8b": 3.2e-4, "pythia-1.4b": 2e-4, "muddpythia-1.4b": 2e-4,
+              "pythia-2.8b": 1.6e-4, "muddpythia-2.8b": 1.6e-4}
+CPU_LR = 3e-3
+# Dense bf16 tensor-core peak per GPU, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+class TrainingDiverged(MuddError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (the `mudd train` flags)."""
+
+    preset: str = "tiny"
+    config: str | None = None
+    set: list[str] = field(default_factory=list)
+    connection: str | None = None
+    data: str | None = None
+    out: str | None = None
+    max_steps: int = 450
+    batch_size: int = 8
+    seq_len: int | None = None
+    grad_accum: int = 1
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.01
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_windows: int = 64
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    compile: bool = False
+    dtype: str = "float32"
+    activation_checkpointing: bool = False
+    parallel: str = "none"
+    device: str = "auto"
+    sample_tokens: int = 200
+    sample_prompt: str = "ROMEO:\n"
+    tensorboard: bool = True
+    progress: bool = True
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        for key, lr in DEFAULT_LR.items():
+            if self.preset == key or self.preset.endswith("-" + key):
+                return lr
+        return CPU_LR
+
+
+# ---- configuration ------------------------------------------------------------------------------
+def read_overrides(path: str) -> dict:
+    """MuddConfig fields from a YAML or JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise ConfigError(f"cannot parse config file {path} ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of MuddConfig fields")
+    return data
+
+
+def parse_set(items: list[str]) -> dict:
+    """`key=value` overrides; values are read as JSON where they parse (numbers, true/false), else strings."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def model_config(tc: TrainConfig) -> MuddConfig:
+    overrides = read_overrides(tc.config) if tc.config else {}
+    overrides.update(parse_set(tc.set))
+    if tc.connection:
+        overrides["connection"] = tc.connection
+    return MuddConfig.from_preset(tc.preset, **overrides)
+
+
+def validate(tc: TrainConfig, cfg: MuddConfig, data: TokenData) -> int:
+    """Check options against the model and data before anything is written; returns seq_len."""
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_windows"):
+        if getattr(tc, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(tc, name)}")
+    if tc.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype {tc.dtype!r} is unknown; choose float32 or bfloat16")
+    if tc.parallel not in ("none", "ddp", "fsdp"):
+        raise ConfigError(f"--parallel {tc.parallel!r} is unknown; choose none, ddp or fsdp")
+    seq_len = tc.seq_len or min(256, cfg.block_size)
+    if seq_len > cfg.block_size:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context block_size={cfg.block_size}; "
+                          f"lower --seq-len or raise block_size (--set block_size={seq_len})")
+    if data.vocab_size > cfg.vocab_size:
+        raise DataError(f"the data was tokenised with a {data.vocab_size}-token vocabulary but the model has vocab_size="
+                        f"{cfg.vocab_size}; use --set vocab_size={data.vocab_size} or prepare the data with a smaller tokenizer")
+    data.split("train", seq_len)
+    data.split("val", seq_len)
+    return seq_len
+
+
+# ---- optimisation -------------------------------------------------------------------------------
+def param_groups(model: MuddModel, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (embeddings, projections, generator weights); none on norms, biases, static priors."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        static_prior = name.startswith("connection.dense_bs")
+        (decay if p.dim() >= 2 and not static_prior else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup over warmup*max_steps steps, then cosine from the peak to min_lr_ratio*peak."""
+    peak = tc.resolved_lr()
+    warmup = max(1, round(tc.warmup * tc.max_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, tc.max_steps - warmup)
+    return peak * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def flops_per_token(cfg: MuddConfig, params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding parameters plus attention (PaLM appendix B)."""
+    return 6 * (params - cfg.vocab_size * cfg.dim) + 12 * cfg.n_layer * cfg.dim * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ---- logging ------------------------------------------------------------------------------------
+class RunLog:
+    """metrics.jsonl, TensorBoard events and the loss-curve PNG of a run folder (rank 0 only)."""
+
+    def __init__(self, out: Path, start_step: int, tensorboard: bool, enabled: bool):
+        self.out, self.enabled = out, enabled
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step or None)
+            except ImportError:
+                print("tensorboard is not installed: TensorBoard events are skipped", file=sys.stderr)
+
+    def _truncate_after(self, step: int) -> None:
+        # A resumed run rewrites history after its checkpoint, so drop records from the lost steps.
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        with atomic_path(str(self.path)) as tmp:
+            Path(tmp).write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, text)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict], path: Path, title: str) -> None:
+    """Training and validation loss against step, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(str(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def environment(info: DistInfo) -> dict:
+    env = {"muddformer": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "world_size": info.world, "device": str(info.device)}
+    if info.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(info.device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, batch_size: int, windows: list[int],
+             info: DistInfo, autocast) -> float:
+    model.eval()
+    total = torch.zeros((), device=info.device)
+    for x, y in iter_eval_batches(data.split("val", seq_len), seq_len, batch_size, windows):
+        with autocast():
+            logits = model(x.to(info.device)).logits
+        total += next_token_loss(logits, y.to(info.device)) * x.shape[0]
+    model.train()
+    return (total / len(windows)).item()
+
+
+def train(tc: TrainConfig) -> dict:
+    """Run (or resume) training; returns the final metrics."""
+    cfg = model_config(tc)
+    data = TokenData(tc.data) if tc.data else TokenData(bundled_data_dir())
+    seq_len = validate(tc, cfg, data)
+    info = init_distributed(tc.device)
+    try:
+        return _train(tc, cfg, data, seq_len, info)
+    finally:
+        close_distributed()
+
+
+def _train(tc: TrainConfig, cfg: MuddConfig, data: TokenData, seq_len: int, info: DistInfo) -> dict:
+    out = Path(tc.out or f"runs/{tc.preset}-{cfg.connection}")
+    ckpt_root = out / "checkpoints"
+    say = print if info.is_main else (lambda *a, **k: None)
+    torch.manual_seed(tc.seed)
+    core = MuddModel(cfg).to(info.device)
+    counts = count_parameters(core)
+    lowp = tc.dtype == "bfloat16"
+    model = parallelize(core, info, tc.parallel, tc.activation_checkpointing, tc.compile,
+                        mixed_precision=torch.bfloat16 if lowp and tc.parallel == "fsdp" else None)
+    use_autocast = lowp and tc.parallel != "fsdp"
+
+    def autocast():
+        return torch.autocast(info.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
+
+    fused = {"fused": True} if info.device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(param_groups(core, tc.weight_decay), lr=tc.resolved_lr(),
+                                  betas=(tc.beta1, tc.beta2), eps=1e-8, **fused)
+    resumed = resume_latest(ckpt_root, model, optimizer, cfg, report=say)
+    start = resumed.step if resumed else 0
+    if resumed:
+        say(f"resuming from {resumed.folder} (step {start})")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        run_info = {"model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc), "seq_len": seq_len,
+                    "data": str(data.folder), "data_meta": {k: data.meta[k] for k in ("vocab_size", "source")},
+                    "parameters": counts, "environment": environment(info)}
+        write_json_atomic(str(out / "config.json"), cfg.to_dict())
+        write_json_atomic(str(out / "run.json"), run_info)
+    log = RunLog(out, start, tc.tensorboard, enabled=info.is_main)
+    if info.is_main and not resumed:
+        log.text("run", "```\n" + json.dumps(run_info, indent=2) + "\n```")
+
+    train_split = data.split("train", seq_len)
+    windows = eval_windows(data.split("val", seq_len), seq_len, tc.eval_windows)
+    tokens_per_step = tc.batch_size * seq_len * tc.grad_accum * info.world
+    fpt = flops_per_token(cfg, counts["total"], seq_len)
+    peak = peak_flops(info.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    last: dict = {}
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=not (info.is_main and tc.progress),
+               dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    model.train()
+    for step in range(start, tc.max_steps):
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=info.device)
+        for micro in range(tc.grad_accum):
+            x, y = sample_batch(train_split, seq_len, tc.batch_size, tc.seed, step, info.rank, info.world, micro, tc.grad_accum)
+            sync = micro == tc.grad_accum - 1 or not hasattr(model, "no_sync")
+            with (nullcontext() if sync else model.no_sync()), autocast():
+                loss = next_token_loss(model(x.to(info.device)).logits, y.to(info.device)) / tc.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss_mean = all_reduce_mean(loss_sum, info)
+        if not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
+            bar.close()
+            kept = list_checkpoints(ckpt_root)
+            where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {loss_mean.item()} at step {step + 1} (grad norm {grad_norm.item()}); "
+                                   f"{where}; lower --lr or raise --warmup")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        window_tokens += tokens_per_step
+        bar.update(1)
+        if done % tc.log_every == 0 or done == tc.max_steps or done == start + 1:
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / elapsed if elapsed > 0 else 0.0
+            record = {"step": done, "loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                      "tokens": done * tokens_per_step, "tokens_per_s": tps}
+            if peak:
+                record["mfu"] = tps * fpt / (peak * info.world)
+            if info.device.type == "cuda":
+                record["max_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 1e9
+            log.log(record)
+            last.update(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if done % tc.eval_every == 0 or done == tc.max_steps:
+            val = evaluate(model, data, seq_len, tc.batch_size, windows, info, autocast)
+            log.log({"step": done, "val_loss": val})
+            last["val_loss"] = val
+            if info.is_main and tc.progress:
+                bar.write(f"step {done}: val_loss {val:.4f}")
+            if info.is_main:
+                plot_losses(log.records(), out / "loss.png", f"{tc.preset} ({cfg.connection})")
+        if done % tc.save_every == 0 or done == tc.max_steps:
+            save_checkpoint(ckpt_root, done, model, cfg, optimizer, {"seed": tc.seed, "tokens": done * tokens_per_step,
+                            "data_position": {"step": done, "micro_batches_per_step": tc.grad_accum}},
+                            data.tokenizer_path, info.is_main, tc.keep_checkpoints)
+            window_start = time.perf_counter()  # do not count checkpoint time as training time
+    bar.close()
+    # Under FSDP every rank takes part in each forward; otherwise rank 0 samples alone.
+    if tc.sample_tokens > 0 and data.tokenizer_path.is_file() and (info.is_main or tc.parallel == "fsdp"):
+        sample = write_sample(core, data, tc, out if info.is_main else None, info)
+        log.text("sample", sample)
+        say("--- sample ---\n" + sample)
+    log.close()
+    if info.is_main and start < tc.max_steps:
+        plot_losses(log.records(), out / "loss.png", f"{tc.preset} ({cfg.connection})")
+    say(f"run folder: {out}")
+    return last
+
+
+def write_sample(core: MuddModel, data: TokenData, tc: TrainConfig, out: Path | None, info: DistInfo) -> str:
+    """Sample text from the prompt (temperature 0.8, top-k 50, seeded) and write sample.txt into `out`."""
+    from .generation import sample_generate
+
+    tok = load_tokenizer(data.tokenizer_path)
+    ids = tok.encode(tc.sample_prompt).ids or [data.eot_id or 0]
+    g = torch.Generator().manual_seed(tc.seed)
+    core.eval()
+    new = sample_generate(core, torch.tensor([ids], device=info.device), tc.sample_tokens, temperature=0.8, top_k=50,
+                          generator=g)
+    text = tok.decode(new[0].tolist())
+    if out is not None:
+        with atomic_path(str(out / "sample.txt")) as tmp:
+            Path(tmp).write_text(text + "\n")
+    return text
+
+
+# ---- command line -------------------------------------------------------------------------------
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--preset", default=d.preset, help="model preset (see `mudd presets`; default tiny)")
+    p.add_argument("--config", help="YAML or JSON file of MuddConfig fields overriding the preset")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override one MuddConfig field (repeatable)")
+    p.add_argument("--connection", help="override the preset's connection (residual, mudd, ddformer, denseformer, mudd-static)")
+    p.add_argument("--data", help="prepared data folder (`mudd prepare`); default: the bundled Shakespeare corpus")
+    p.add_argument("--out", help="run folder (default runs/PRESET-CONNECTION); re-running resumes from it")
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per rank per micro-batch")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default min(256, block_size))")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the paper's for its sizes, 3e-3 for CPU presets)")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final learning rate / peak (default 0.1)")
+    p.add_argument("--warmup", type=float, default=d.warmup, help="warmup share of max-steps (default 0.01)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--beta1", type=float, default=d.beta1)
+    p.add_argument("--beta2", type=float, default=d.beta2)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation sequences per evaluation")
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints kept (default 3)")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype, help="compute dtype (bfloat16: autocast / FSDP mixed precision)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=d.parallel, help="data parallelism under torchrun")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="tokens of text sampled at the end (0: none)")
+    p.add_argument("--sample-prompt", default=d.sample_prompt)
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m muddformer.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        train(config_from_args(args))
+    except MuddError as e:
+        print(f"mudd: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""`mudd prepare`, the bundled corpus and batch sampling."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from muddformer.cli import main
+from muddformer.data import (VALIDATION_PLAYS, DataError, TokenData, bundled_plays, eval_windows, load_tokenizer,
+                             prepare, sample_batch)
+
+
+def test_bundled_corpus_is_38_plays_split_by_play():
+    plays = bundled_plays()
+    assert len(plays) == 38
+    names = {p["name"] for p in plays}
+    assert set(VALIDATION_PLAYS) <= names and "hamlet" in names
+    hamlet = next(p for p in plays if p["name"] == "hamlet")["text"]
+    assert hamlet.startswith("HAMLET\n") and "HAMLET:\nTo be, or not to be" in hamlet
+    assert not any(ch in "".join(p["text"] for p in plays) for ch in "*_#\\")
+    assert sum(len(p["text"]) for p in plays) > 4_900_000
+
+
+def test_prepare_text_jsonl_and_folder(tmp_path):
+    text = "Now is the winter of our discontent\nMade glorious summer by this sun of York.\n" * 40
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": f"doc {i}: " + text[:300]}) for i in range(12)))
+    out = tmp_path / "prepared"
+    meta = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], out, vocab_size=300, field="body",
+                   val_fraction=0.2)
+    assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16"
+    data = TokenData(out)
+    assert data.splits["train"].tokens == meta["splits"]["train"]["tokens"] > 0
+    assert data.splits["val"].tokens > 0
+    tok = load_tokenizer(data.tokenizer_path)
+    first = np.asarray(data.splits["train"].shards[0][:20]).tolist()
+    assert tok.decode(first).startswith("Now is the winter")
+    assert meta["eot_id"] == 0 and 0 in np.asarray(data.splits["train"].shards[0]).tolist()
+
+    # Idempotent: the same inputs and options leave the folder untouched.
+    stamp = (out / "train-00000.bin").stat().st_mtime_ns
+    prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], out, vocab_size=300, field="body", val_fraction=0.2)
+    assert (out / "train-00000.bin").stat().st_mtime_ns == stamp
+    # Other options rebuild it, reusing a given tokenizer; small shards split the tokens.
+    meta2 = prepare([str(tmp_path)], out, tokenizer=str(data.tokenizer_path), field="body", shard_tokens=200)
+    assert len(meta2["splits"]["train"]["shards"]) > 1
+    assert TokenData(out).splits["train"].tokens == meta2["splits"]["train"]["tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_prepare_refuses_bad_input(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        prepare([str(tmp_path / "missing.txt")], tmp_path / "o")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DataError, match="the data is empty"):
+        prepare([str(tmp_path / "empty.txt")], tmp_path / "o")
+    (tmp_path / "x.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+    with pytest.raises(DataError, match="has no field 'body'"):
+        prepare([str(tmp_path / "x.jsonl")], tmp_path / "o", field="body")
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        TokenData(tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_cli(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--vocab-size", "280"]) == 0
+    assert "vocabulary 280 (uint16)" in capsys.readouterr().out
+    assert main(["prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d2")]) == 2
+
+
+def test_truncated_shard_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("Friends, Romans, countrymen, lend me your ears.\n" * 100)
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", vocab_size=280)
+    shard = tmp_path / "d" / "train-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DataError, match="truncated"):
+        TokenData(tmp_path / "d")
+
+
+def test_sampling_is_a_function_of_step_and_splits_across_ranks(tmp_path):
+    (tmp_path / "a.txt").write_text("Out, damned spot! out, I say!\n" * 300)
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", vocab_size=280)
+    split = TokenData(tmp_path / "d").split("train", 16)
+    x, y = sample_batch(split, 16, 4, seed=1, step=7)
+    again, _ = sample_batch(split, 16, 4, seed=1, step=7)
+    assert torch.equal(x, again) and torch.equal(x[:, 1:], y[:, :-1])
+    halves = [sample_batch(split, 16, 2, seed=1, step=7, rank=r, world=2)[0] for r in range(2)]
+    assert torch.equal(torch.cat(halves), x)
+    micro = [sample_batch(split, 16, 2, seed=1, step=7, micro=m, accum=2)[0] for m in range(2)]
+    assert torch.equal(torch.cat(micro), x)
+    assert not torch.equal(sample_batch(split, 16, 4, seed=1, step=8)[0], x)
+    starts = eval_windows(split, 16, 5)
+    assert len(starts) == 5 and starts[0] == 0 and starts[-1] == split.tokens - 17

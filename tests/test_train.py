@@ -1,0 +1,181 @@
+"""`mudd train`: a short real run, kill -9 and resume, corrupt checkpoints, divergence, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from muddformer import MuddForCausalLM
+from muddformer.train import TrainConfig, lr_at, param_groups, train
+from muddformer import MuddModel, MuddConfig
+
+SMALL = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--eval-windows", "8", "--sample-tokens", "8",
+         "--no-progress", "--no-tensorboard"]
+
+
+def run_cli(args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, "-m", "muddformer.cli", "train", *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_short_run_writes_a_complete_run_folder(play_data, tmp_path):
+    out = tmp_path / "run"
+    final = train(TrainConfig(preset="nano", data=str(play_data), out=str(out), max_steps=40, batch_size=8, seq_len=64,
+                              eval_every=20, save_every=20, log_every=5, eval_windows=16, sample_tokens=20,
+                              progress=False))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in steps] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert all({"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= r.keys() for r in steps)
+    assert [r["step"] for r in vals] == [20, 40]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5  # it learns
+    assert final["val_loss"] == vals[-1]["val_loss"] < vals[0]["val_loss"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000020", "step_000040"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+    assert (out / "sample.txt").read_text().startswith("ROMEO:")
+    run = json.loads((out / "run.json").read_text())
+    assert run["model_config"]["n_layer"] == 2 and run["train_config"]["max_steps"] == 40
+    assert {"torch", "python", "platform", "cpu_count"} <= run["environment"].keys()
+    model = MuddForCausalLM.from_pretrained(out / "checkpoints" / "step_000040")
+    assert (out / "checkpoints" / "step_000040" / "tokenizer.json").is_file()
+    state = json.loads((out / "checkpoints" / "step_000040" / "trainer_state.json").read_text())
+    assert state["step"] == 40 and state["tokens"] == 40 * 8 * 64
+    x = torch.randint(0, 512, (1, 16))
+    assert torch.isfinite(model(x).logits).all()
+
+
+def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
+    args = SMALL + ["--data", str(play_data), "--max-steps", "120", "--save-every", "4", "--eval-every", "60"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert run_cli(args + ["--out", str(full)]).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "muddformer.cli", "train", *args, "--out", str(broken)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (broken / "checkpoints" / "step_000008").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = sorted(os.listdir(broken / "checkpoints"))
+    assert "step_000120" not in kept  # it really died mid-run
+    resumed = run_cli(args + ["--out", str(broken)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert_same_weights(full / "checkpoints" / "step_000120", broken / "checkpoints" / "step_000120")
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses(full)[-1] == losses(broken)[-1]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(play_data, tmp_path):
+    args = SMALL + ["--data", str(play_data), "--save-every", "4", "--eval-every", "100", "--keep-checkpoints", "5"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert run_cli(args + ["--max-steps", "12", "--out", str(ref)]).returncode == 0
+    assert run_cli(args + ["--max-steps", "12", "--out", str(run)]).returncode == 0
+    latest = run / "checkpoints" / "step_000012" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    again = run_cli(args + ["--max-steps", "12", "--out", str(run)])
+    assert again.returncode == 0, again.stderr
+    assert "checkpoint step 12 is unusable" in again.stdout and "resuming from" in again.stdout
+    assert "step_000008" in again.stdout
+    assert_same_weights(ref / "checkpoints" / "step_000012", run / "checkpoints" / "step_000012")
+
+
+def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(SMALL + ["--data", str(play_data), "--out", str(out), "--max-steps", "30", "--lr", "1e30",
+                            "--warmup", "0", "--save-every", "1", "--grad-clip", "1e30"])
+    assert proc.returncode == 2
+    assert "mudd: error: loss became" in proc.stderr and "Traceback" not in proc.stderr
+    assert "the last good checkpoint is" in proc.stderr
+    kept = sorted(os.listdir(out / "checkpoints"))
+    assert kept and "step_000030" not in kept
+    MuddForCausalLM.from_pretrained(out / "checkpoints" / kept[-1])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/data"], "data folder /nonexistent/data does not exist"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--set", "n_layers=3"], "unknown MuddConfig field 'n_layers'"),
+    (["--seq-len", "65"], "--seq-len 65 exceeds the model's context block_size=64"),
+    (["--set", "vocab_size=300"], "512-token vocabulary but the model has vocab_size=300"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(play_data, tmp_path, args, message):
+    out = tmp_path / "run"
+    base = ["--preset", "nano", "--data", str(play_data), "--out", str(out), "--max-steps", "2"]
+    proc = run_cli(base + args)
+    assert proc.returncode == 2
+    assert message in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_config_file_overrides_and_empty_data(play_data, tmp_path):
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text("n_layer: 3\nconnection: denseformer\n")
+    out = tmp_path / "run"
+    train(TrainConfig(preset="nano", config=str(cfg), data=str(play_data), out=str(out), max_steps=2, batch_size=2,
+                      seq_len=16, progress=False, sample_tokens=0, tensorboard=False))
+    saved = json.loads((out / "checkpoints" / "step_000002" / "config.json").read_text())
+    assert saved["n_layer"] == 3 and saved["connection"] == "denseformer"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli(["--preset", "nano", "--data", str(empty), "--out", str(tmp_path / "r2")])
+    assert proc.returncode == 2 and "not a prepared data folder" in proc.stderr
+
+
+def test_recipe_schedule_and_weight_decay_groups():
+    tc = TrainConfig(max_steps=1000, lr=1e-3)
+    assert lr_at(0, tc) == pytest.approx(1e-4)  # warmup: 10 steps
+    assert lr_at(9, tc) == pytest.approx(1e-3)
+    assert lr_at(999, tc) == pytest.approx(1e-4, rel=1e-3)  # cosine to 10 %
+    assert lr_at(505, tc) == pytest.approx(0.55e-3, rel=1e-2)
+    model = MuddModel(MuddConfig.from_preset("nano"))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert "connection.dynamic_dense.0.w1.weight" in {names[id(p)] for p in decay["params"]}
+    assert "connection.dense_bs.0" in {names[id(p)] for p in no_decay["params"]}
+    assert TrainConfig(preset="muddformer-405m").resolved_lr() == 3e-4
+    assert TrainConfig(preset="tiny").resolved_lr() == 3e-3
+
+
+@pytest.mark.parametrize("option", [dict(activation_checkpointing=True), dict(grad_accum=2, batch_size=2),
+                                    dict(dtype="bfloat16")])
+def test_options_train_like_the_plain_loop(play_data, tmp_path, option):
+    base = dict(preset="nano", data=str(play_data), max_steps=3, batch_size=4, seq_len=32, progress=False,
+                sample_tokens=0, tensorboard=False, save_every=3, eval_every=3, eval_windows=4)
+    plain = train(TrainConfig(**base, out=str(tmp_path / "plain")))
+    other = train(TrainConfig(**{**base, **option}, out=str(tmp_path / "other")))
+    tol = 0.05 if option.get("dtype") == "bfloat16" else 1e-5
+    assert other["loss"] == pytest.approx(plain["loss"], abs=tol)
+    if "activation_checkpointing" in option:
+        assert_same_weights(tmp_path / "plain" / "checkpoints" / "step_000003", tmp_path / "other" / "checkpoints" / "step_000003")
+
+
+def test_compile_with_activation_checkpointing(play_data, tmp_path):
+    base = dict(preset="nano", data=str(play_data), max_steps=2, batch_size=2, seq_len=16, progress=False,
+                sample_tokens=0, tensorboard=False, eval_windows=2)
+    plain = train(TrainConfig(**base, out=str(tmp_path / "plain")))
+    compiled = train(TrainConfig(**base, compile=True, activation_checkpointing=True, out=str(tmp_path / "compiled")))
+    assert compiled["loss"] == pytest.approx(plain["loss"], abs=1e-4)
+    assert compiled["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4)
