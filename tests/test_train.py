@@ -179,3 +179,17 @@ def test_compile_with_activation_checkpointing(play_data, tmp_path):
     compiled = train(TrainConfig(**base, compile=True, activation_checkpointing=True, out=str(tmp_path / "compiled")))
     assert compiled["loss"] == pytest.approx(plain["loss"], abs=1e-4)
     assert compiled["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4)
+
+
+def test_default_data_is_the_bundled_corpus(tmp_path):
+    env = {**os.environ, "MUDD_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    proc = run_cli(["--preset", "nano", "--set", "vocab_size=8192", "--max-steps", "2", "--batch-size", "2",
+                    "--seq-len", "32", "--eval-windows", "2", "--sample-tokens", "4", "--no-progress", "--out", str(out)],
+                   env=env)
+    assert proc.returncode == 0, proc.stderr
+    prepared = tmp_path / "cache" / "data" / "shakespeare-bpe8192"
+    meta = json.loads((prepared / "meta.json").read_text())
+    assert meta["vocab_size"] == 8192 and meta["source"] == "bundled:shakespeare"
+    assert meta["splits"]["train"]["tokens"] > 1_000_000 and meta["splits"]["val"]["tokens"] > 50_000
+    assert json.loads((out / "run.json").read_text())["data"] == str(prepared)

@@ -38,7 +38,7 @@ DEFAULT_LR = {"405m": 3e-4, "834m": 2.5e-4, "1.4b": 2e-4, "deepnarrow-797m": 2.5
               "muddformer-2.8b": 3.2e-4, "tfm++-2.8b": 3.2e-4, "pythia-1.4b": 2e-4, "muddpythia-1.4b": 2e-4,
               "pythia-2.8b": 1.6e-4, "muddpythia-2.8b": 1.6e-4}
 CPU_LR = 3e-3
-# Dense bf16 tensor-core peak per GPU, for MFU.
+# Dense bf16 tensor-core peak per GPU: MFU is reported against it (also for float32 runs).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
@@ -293,13 +293,25 @@ def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, batch_size: 
 def train(tc: TrainConfig) -> dict:
     """Run (or resume) training; returns the final metrics."""
     cfg = model_config(tc)
-    data = TokenData(tc.data) if tc.data else TokenData(bundled_data_dir())
-    seq_len = validate(tc, cfg, data)
     info = init_distributed(tc.device)
     try:
+        data = TokenData(tc.data) if tc.data else TokenData(shared_bundled_data(info))
+        seq_len = validate(tc, cfg, data)
+        if info.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use TF32 tensor cores
+            torch.backends.cudnn.allow_tf32 = True
         return _train(tc, cfg, data, seq_len, info)
     finally:
         close_distributed()
+
+
+def shared_bundled_data(info: DistInfo) -> Path:
+    """The bundled corpus, prepared once per machine: local rank 0 first, then the others find it ready."""
+    first = info.local_rank == 0
+    folder = bundled_data_dir() if first else None
+    if info.distributed:
+        torch.distributed.barrier()
+    return folder if first else bundled_data_dir()
 
 
 def _train(tc: TrainConfig, cfg: MuddConfig, data: TokenData, seq_len: int, info: DistInfo) -> dict:
