@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from muddformer import MuddModel, copy_shared_weights
 from muddformer.connections.dense import generator_width
 from muddformer.kernels import depth_mix, depth_mix_reference
+from muddformer.layers import AttentionContext
 
 from conftest import ALL_CONNECTIONS, build, randomize_connection, small_config
 
@@ -46,12 +47,12 @@ def explicit_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
     cfg, conn = model.config, model.connection
     L, T = cfg.n_layer, x.shape[1]
     prepost = cfg.dense_norm == "prepost"
-    rope = model.rope[:T]
+    rope = model.rope[:T][None]
     h = model.tok_embeddings(x)
     stored = [conn.pre_norms[0](h) if prepost else h]
     inputs = h
     for layer, block in enumerate(model.layers):
-        out = block(inputs, rope)
+        out = block(inputs, AttentionContext(rope=rope))
         stored.append(conn.pre_norms[layer + 1](out) if prepost else out)
         prior = conn.dense_bs[layer]  # (C, n)
         C, n = prior.shape

@@ -1,19 +1,14 @@
-"""muddformer: MUDD connections (MUltiway Dynamic Dense, Xiao et al., ICML 2025) in PyTorch."""
+"""muddformer: MUDD connections (MUltiway Dynamic Dense, Xiao et al., ICML 2025) in PyTorch.
 
-from .config import MuddConfig
-from .errors import CheckpointError, ConfigError, InputError, MuddError
-from .model import CausalLMOutput, MuddModel, copy_shared_weights, count_parameters
+Importing it registers the model with transformers' AutoConfig / AutoModelForCausalLM / AutoTokenizer.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["MuddConfig", "MuddModel", "MuddForCausalLM", "CausalLMOutput", "count_parameters", "copy_shared_weights",
-           "MuddError", "ConfigError", "CheckpointError", "InputError", "__version__"]
+from .config import MuddConfig  # noqa: E402
+from .errors import CheckpointError, ConfigError, InputError, MuddError  # noqa: E402
+from .hf import MuddForCausalLM, MuddHFConfig  # noqa: E402
+from .model import CausalLMOutput, MuddModel, copy_shared_weights, count_parameters  # noqa: E402
 
-
-def __getattr__(name):
-    # The Hugging Face face imports transformers; load it only when asked for.
-    if name in ("MuddForCausalLM", "MuddHFConfig"):
-        from . import hf
-
-        return getattr(hf, name)
-    raise AttributeError(f"module 'muddformer' has no attribute {name!r}")
+__all__ = ["MuddConfig", "MuddModel", "MuddForCausalLM", "MuddHFConfig", "CausalLMOutput", "count_parameters",
+           "copy_shared_weights", "MuddError", "ConfigError", "CheckpointError", "InputError", "__version__"]

@@ -125,6 +125,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (bundled corpus by default); re-running resumes")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+    from .textgen import add_generate_arguments, cmd_generate
+
+    p = sub.add_parser("generate", help="continue prompts with a model, streaming the text")
+    add_generate_arguments(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import lzma
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -98,6 +99,17 @@ def load_tokenizer(path: str | os.PathLike):
 
 def eot_id(tok) -> int | None:
     return tok.token_to_id(EOT)
+
+
+def export_tokenizer(tokenizer_json: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:
+    """Copy tokenizer.json into a model folder with the tokenizer_config.json that AutoTokenizer reads."""
+    folder = Path(folder)
+    tok = load_tokenizer(tokenizer_json)
+    shutil.copyfile(tokenizer_json, folder / TOKENIZER_NAME)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length}
+    if eot_id(tok) is not None:
+        config.update(eos_token=EOT, bos_token=EOT)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ---- reading inputs -----------------------------------------------------------------------------

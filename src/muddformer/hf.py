@@ -12,39 +12,53 @@ import os
 from typing import Any
 
 import torch
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin,
+                          PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import checkpoints
 from .config import MuddConfig
 from .errors import InputError
-from .generation import greedy_generate
 from .model import MuddModel
 
-_HF_ONLY = {"mudd_format", "architectures", "torch_dtype", "transformers_version", "model_type"}
+# transformers' generic names for our sizes (used by its caches and utilities).
+_ATTRIBUTE_MAP = {"num_hidden_layers": "n_layer", "hidden_size": "dim", "num_attention_heads": "n_head",
+                  "max_position_embeddings": "block_size"}
 
 
 class MuddHFConfig(PreTrainedConfig):
-    """transformers config that carries the MuddConfig fields as attributes."""
+    """transformers config that carries the MuddConfig fields as attributes (or a published config's)."""
 
     model_type = "muddformer"
+    attribute_map = _ATTRIBUTE_MAP
 
     @classmethod
     def from_mudd(cls, cfg: MuddConfig) -> "MuddHFConfig":
         return cls(**cfg.to_dict())
 
     def mudd_config(self) -> MuddConfig:
+        raw = self.to_dict()
+        if "mudd_format" not in raw and ("dense_type" in raw or "dense" in raw):
+            return checkpoints.config_from_raw(raw)  # a published config.json
         known = set(MuddConfig.__dataclass_fields__)
-        return MuddConfig.from_dict({k: v for k, v in self.to_dict().items() if k in known})
+        return MuddConfig.from_dict({k: v for k, v in raw.items() if k in known})
 
 
-class MuddForCausalLM(PreTrainedModel):
-    """Causal LM of the MUDD family with the transformers calling conventions (labels -> loss)."""
+class MuddPythiaHFConfig(MuddHFConfig):
+    """The published MUDDPythia folders' model_type."""
+
+    model_type = "muddpythia"
+
+
+class MuddForCausalLM(PreTrainedModel, GenerationMixin):
+    """Causal LM of the MUDD family with the transformers conventions: labels -> loss, attention_mask,
+    past_key_values and `generate` (GenerationMixin: greedy, sampling, beams, streamers)."""
 
     config_class = MuddHFConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
+    _supports_cache_class = True
 
     def __init__(self, config: MuddHFConfig | MuddConfig, model: MuddModel | None = None):
         if isinstance(config, MuddConfig):
@@ -67,21 +81,23 @@ class MuddForCausalLM(PreTrainedModel):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.output
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise InputError("padded inputs (attention_mask with zeros) are not supported by this forward; "
-                             "run sequences of equal length without padding")
-        out = self.model(input_ids, labels=labels)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
-                 eos_token_id: int | None = None, **kwargs: Any) -> torch.Tensor:
-        """Greedy continuation: returns the prompt followed by up to max_new_tokens new ids."""
-        if do_sample:
-            raise InputError("sampling is not available in this generate; use do_sample=False (greedy)")
-        return greedy_generate(self.model, input_ids, max_new_tokens, eos_token_id)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = None,
+                labels: torch.Tensor | None = None, cache_position: torch.Tensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise InputError(f"attention_mask must be (batch, seq_len) of 1 (token) and 0 (padding), got shape "
+                             f"{tuple(attention_mask.shape)}")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if attention_mask is not None and past_key_values is None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the plain causal path
+        out = self.model(input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=past_key_values, cache_position=cache_position)
+        logits = out.logits
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        return CausalLMOutputWithPast(loss=out.loss, logits=logits, past_key_values=past_key_values)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *args: Any, torch_dtype: Any = None, dtype: Any = None,
@@ -101,3 +117,20 @@ class MuddForCausalLM(PreTrainedModel):
         """Write our format (config + safetensors, sharded above max_shard_size), or the published layout."""
         checkpoints.save_model(self.model, os.fspath(folder), published_format=published_format,
                                max_shard_size=max_shard_size, dtype=dtype)
+
+
+class MuddPythiaForCausalLM(MuddForCausalLM):
+    """What AutoModelForCausalLM builds for a published MUDDPythia folder (the same model)."""
+
+    config_class = MuddPythiaHFConfig
+
+
+def register_auto_classes() -> None:
+    """Make AutoConfig / AutoModelForCausalLM / AutoTokenizer know our model types (no trust_remote_code)."""
+    for config_class, model_class in ((MuddHFConfig, MuddForCausalLM), (MuddPythiaHFConfig, MuddPythiaForCausalLM)):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+        AutoTokenizer.register(config_class, fast_tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
+
+
+register_auto_classes()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +53,8 @@ def rotary_table(cfg: MuddConfig, device: torch.device | str | None = None) -> t
 
 
 def apply_rotary(x: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """Rotate-half RoPE on the first `rotary_dim` features of x (B, T, H, d); table is (T, rotary_dim/2, 2).
+    """Rotate-half RoPE on the first `rotary_dim` features of x (B, T, H, d); table is (B or 1, T, rotary_dim/2, 2),
+    the cos/sin at each token's position.
 
     The reference writes the rotated pairs interleaved; the same permutation hits q and k, so
     attention scores are identical to this contiguous layout (spec §2.5).
@@ -59,36 +62,54 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch
     half = rotary_dim // 2
     xf = x[..., :rotary_dim].float()
     x1, x2 = xf[..., :half], xf[..., half:]
-    cos = table[None, :, None, :, 0]
-    sin = table[None, :, None, :, 1]
+    cos = table[:, :, None, :, 0]
+    sin = table[:, :, None, :, 1]
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
     if rotary_dim == x.shape[-1]:
         return rotated
     return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_float32: bool) -> torch.Tensor:
-    """Causal attention computed as the reference implementation does, for bit-parity in 16-bit dtypes.
+@dataclass
+class AttentionContext:
+    """What every block's attention needs besides its inputs.
+
+    rope: cos/sin at each query's position, (B or 1, T, rotary_dim/2, 2).
+    mask: bool (B or 1, 1, T, S), True where a query may attend to a key; None means plain causal
+        attention over the T tokens themselves (training, full forward).
+    cache: a KV cache with `update(k, v, layer_idx) -> (all_k, all_v)` (ours or a transformers Cache).
+    """
+
+    rope: torch.Tensor
+    mask: torch.Tensor | None = None
+    cache: Any = None
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_float32: bool,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention computed as the reference implementation does, for bit-parity in 16-bit dtypes.
 
     Scores in the model dtype; the llama family casts them to float32 for the masked softmax and
-    back, the pythia family softmaxes in the model dtype (spec §2.3, §2.4).
+    back, the pythia family softmaxes in the model dtype (spec §2.3, §2.4). mask None = causal.
     """
-    T = q.shape[-2]
+    if mask is None:
+        T = q.shape[-2]
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     if softmax_float32:
         scores = scores.float()
     mask_value = torch.finfo(scores.dtype if softmax_float32 else torch.float16).min
-    probs = torch.softmax(scores.masked_fill(~causal, mask_value), dim=-1).to(v.dtype)
+    probs = torch.softmax(scores.masked_fill(~mask, mask_value), dim=-1).to(v.dtype)
     return probs @ v
 
 
 class Attention(nn.Module):
     """Causal multi-head attention with separate q/k/v inputs, optional per-head QK RMSNorm, RoPE."""
 
-    def __init__(self, cfg: MuddConfig):
+    def __init__(self, cfg: MuddConfig, layer_idx: int):
         super().__init__()
         bias = cfg.block == "pythia"
+        self.layer_idx = layer_idx
         self.n_head, self.head_dim, self.rotary_dim = cfg.n_head, cfg.head_dim, cfg.rotary_dim
         self.attn_impl, self.softmax_float32 = cfg.attn_impl, cfg.block == "llama"
         self.wq = nn.Linear(cfg.dim, cfg.dim, bias=bias)
@@ -101,19 +122,22 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, D = xq.shape
         q = self.wq(xq).view(B, T, self.n_head, self.head_dim)
         k = self.wk(xk).view(B, T, self.n_head, self.head_dim)
         v = self.wv(xv).view(B, T, self.n_head, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, rope, self.rotary_dim), apply_rotary(k, rope, self.rotary_dim)
+        q, k = apply_rotary(q, ctx.rope, self.rotary_dim), apply_rotary(k, ctx.rope, self.rotary_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(k, v, self.layer_idx)
         if self.attn_impl == "reference":
-            out = reference_attention(q, k, v, self.softmax_float32)
+            out = reference_attention(q, k, v, self.softmax_float32, ctx.mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
+                                                 scale=1.0 / math.sqrt(self.head_dim))
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -153,26 +177,26 @@ class Block(nn.Module):
     llama: h = XR + Attn; out = h + FFN(norm(h)).  pythia: out = XR + Attn + FFN(norm(XR)).
     """
 
-    def __init__(self, cfg: MuddConfig, ffn_width: int, multiway_input: bool):
+    def __init__(self, cfg: MuddConfig, layer_idx: int, ffn_width: int, multiway_input: bool):
         super().__init__()
         if multiway_input:
             self.attention_norms = nn.ModuleList(make_norm(cfg) for _ in range(3))
         else:
             self.attention_norm = make_norm(cfg)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_idx)
         mlp = SwiGLU if cfg.block == "llama" else GeluMLP
         self.feed_forward = mlp(cfg.dim, ffn_width)
         self.ffn_norm = make_norm(cfg)
         self.parallel_residual = cfg.block == "pythia"
 
-    def forward(self, x: BlockInput, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: BlockInput, ctx: AttentionContext) -> torch.Tensor:
         if isinstance(x, tuple):
             xq, xk, xv, xr = x
             nq, nk, nv = (norm(s) for norm, s in zip(self.attention_norms, (xq, xk, xv)))
         else:
             xr = x
             nq = nk = nv = self.attention_norm(x)
-        attn = self.attention(nq, nk, nv, rope)
+        attn = self.attention(nq, nk, nv, ctx)
         if self.parallel_residual:
             return xr + attn + self.feed_forward(self.ffn_norm(xr))
         h = xr + attn

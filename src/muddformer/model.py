@@ -6,6 +6,7 @@ It knows nothing about parallelism, checkpoints or Hugging Face (DESIGN.md ideas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torch import nn
 from .config import MuddConfig
 from .connections import build_connection
 from .errors import InputError
-from .layers import Block, RMSNorm, make_norm, rotary_table
+from .layers import AttentionContext, Block, RMSNorm, make_norm, rotary_table
 
 
 @dataclass
@@ -34,7 +35,7 @@ class MuddModel(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.connection = build_connection(cfg)
         self.layers = nn.ModuleList(
-            Block(cfg, width, self.connection.multiway_input(layer)) for layer, width in enumerate(cfg.ffn_widths))
+            Block(cfg, layer, width, self.connection.multiway_input(layer)) for layer, width in enumerate(cfg.ffn_widths))
         self.norm = make_norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -70,7 +71,7 @@ class MuddModel(nn.Module):
         self.reset_rope()
         return self
 
-    def check_inputs(self, input_ids: torch.Tensor) -> None:
+    def check_inputs(self, input_ids: torch.Tensor, past: int = 0) -> None:
         """Clear errors for inputs the model cannot take, instead of an index error deep inside."""
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
@@ -79,8 +80,8 @@ class MuddModel(nn.Module):
         T = input_ids.shape[1]
         if T == 0:
             raise InputError("input_ids is empty: give at least one token")
-        if T > self.config.block_size:
-            raise InputError(f"sequence length {T} exceeds the context length block_size={self.config.block_size}; "
+        if past + T > self.config.block_size:
+            raise InputError(f"sequence length {past + T} exceeds the context length block_size={self.config.block_size}; "
                              "truncate the input or use a model with a longer context")
         if torch.compiler.is_compiling() or input_ids.device.type == "meta":
             return
@@ -90,17 +91,65 @@ class MuddModel(nn.Module):
             raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
                              "the tokenizer and the model do not match")
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CausalLMOutput:
-        self.check_inputs(input_ids)
-        T = input_ids.shape[1]
-        rope = self.rope[:T]
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: Any = None, cache_position: torch.Tensor | None = None) -> CausalLMOutput:
+        """Logits of input_ids (B, T); loss with labels (shifted inside, -100 ignored).
+
+        For generation: `cache` holds keys and values of earlier tokens (a KVCache, StaticKVCache or
+        a transformers Cache), `attention_mask` (B, past + T) marks real tokens with 1 and padding
+        with 0 (left padding), `cache_position` (T,) gives the cache slots of these tokens and
+        `position_ids` (B, T) their rotary positions (by default counted over real tokens only).
+        Dense connections mix over depth at each position, so no state beyond the KV cache is kept.
+        """
+        if cache_position is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            cache_position = None if cache is None and attention_mask is None else \
+                torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+        elif not torch.compiler.is_compiling():
+            past = int(cache_position[0])
+        else:
+            past = 0
+        self.check_inputs(input_ids, past)
+        if cache is not None and hasattr(cache, "position"):
+            cache.position = cache_position  # a StaticKVCache writes at these slots
+        ctx = self.attention_context(input_ids, attention_mask, position_ids, cache, cache_position)
         conn = self.connection
         state = conn.begin(self.tok_embeddings(input_ids))
         for layer, block in enumerate(self.layers):
-            conn.advance(state, layer, block(conn.block_input(state, layer), rope))
+            conn.advance(state, layer, block(conn.block_input(state, layer), ctx))
         logits = self.output(self.norm(conn.output(state)))
         loss = None if labels is None else causal_lm_loss(logits, labels)
+        if hasattr(cache, "length") and not torch.compiler.is_compiling():
+            cache.length = past + input_ids.shape[1]
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def attention_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          position_ids: torch.Tensor | None, cache: Any, cache_position: torch.Tensor | None
+                          ) -> AttentionContext:
+        T = input_ids.shape[1]
+        if cache_position is None:  # training and plain full forwards: causal over the T tokens
+            rope = self.rope[:T][None] if position_ids is None else self.rope[position_ids]
+            return AttentionContext(rope=rope)
+        if position_ids is None:
+            if attention_mask is not None:
+                counted = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = counted.index_select(1, cache_position)
+            else:
+                position_ids = cache_position[None]
+        keys = cache.max_length if getattr(cache, "max_length", None) else int(cache_position[-1]) + 1
+        slots = torch.arange(keys, device=input_ids.device)
+        mask = slots[None, :] <= cache_position[:, None]  # (T, S): causal in cache slots
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            if real.shape[1] < keys:
+                real = F.pad(real, (0, keys - real.shape[1]))
+            # Padding keys are hidden; a query always sees itself so padded rows stay finite.
+            mask = (mask[None] & real[:, None, :keys]) | (slots[None, None, :] == cache_position[None, :, None])
+            mask = mask[:, None]
+        else:
+            mask = mask[None, None]
+        return AttentionContext(rope=self.rope[position_ids], mask=mask, cache=cache)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

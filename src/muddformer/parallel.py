@@ -65,7 +65,14 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def apply_activation_checkpointing(model: MuddModel) -> None:
     """Recompute each block's activations in backward instead of storing them."""
     for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    # Only when gradients flow: inference (evaluation, KV-cached sampling) runs the plain forward.
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def apply_compile(model: MuddModel, per_block: bool) -> None:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from . import checkpoints
 from .config import MuddConfig
+from .data import export_tokenizer
 from .errors import CheckpointError
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -76,7 +77,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, core_config: 
             dtype = next(iter(tensors.values())).dtype
             checkpoints.write_json_atomic(str(tmp / checkpoints.CONFIG_NAME), checkpoints.our_config_json(core_config, dtype))
             if tokenizer_path is not None and tokenizer_path.is_file():
-                shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+                export_tokenizer(tokenizer_path, tmp, core_config.block_size)
             torch.save({"optimizer": optim_sd, "rng": rng_state()}, tmp / OPTIMIZER_NAME)
             (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
         for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:

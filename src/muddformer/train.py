@@ -297,6 +297,8 @@ def train(tc: TrainConfig) -> dict:
     try:
         data = TokenData(tc.data) if tc.data else TokenData(shared_bundled_data(info))
         seq_len = validate(tc, cfg, data)
+        if cfg.eos_token_id is None and data.eot_id is not None:  # generation stops at the data's end-of-text
+            cfg = cfg.replace(eos_token_id=data.eot_id, bos_token_id=data.eot_id)
         if info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use TF32 tensor cores
             torch.backends.cudnn.allow_tf32 = True
@@ -433,10 +435,13 @@ def write_sample(core: MuddModel, data: TokenData, tc: TrainConfig, out: Path | 
 
     tok = load_tokenizer(data.tokenizer_path)
     ids = tok.encode(tc.sample_prompt).ids or [data.eot_id or 0]
+    ids = ids[-(core.config.block_size - 1):]
     g = torch.Generator().manual_seed(tc.seed)
     core.eval()
-    new = sample_generate(core, torch.tensor([ids], device=info.device), tc.sample_tokens, temperature=0.8, top_k=50,
-                          generator=g)
+    budget = min(tc.sample_tokens, core.config.block_size - len(ids))
+    with torch.compiler.set_stance("force_eager"):  # decode shapes change every step: no recompiles
+        new = sample_generate(core, torch.tensor([ids], device=info.device), budget, temperature=0.8, top_k=50,
+                              generator=g)
     text = tok.decode(new[0].tolist())
     if out is not None:
         with atomic_path(str(out / "sample.txt")) as tmp:
