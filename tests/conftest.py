@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from muddformer import MuddConfig, MuddModel
+from muddformer.layers import AttentionContext
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("MUDD_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
@@ -72,3 +74,51 @@ def play_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "plays-bpe512"
     prepare_documents(docs, out, vocab_size=512)
     return out
+
+
+def chosen(cfg: MuddConfig, layer: int) -> tuple[list[str], list[int]] | None:
+    """Streams and sources of the aggregation after block `layer`, derived from the options' documented meaning."""
+    L, newest = cfg.n_layer, layer + 1
+    layers = "all" if cfg.dense_layers == "all" else [int(v) % L for v in cfg.dense_layers.split(",")]
+    if (layers != "all" and layer not in layers) or newest % cfg.dense_period:
+        return None
+    multiway = cfg.connection in ("mudd", "mudd-static")
+    names = ["r"] if not multiway or layer == L - 1 else list("qkvr")
+    streams = [s for s in names if s in cfg.dense_streams] if multiway else names
+    allowed = range(L + 1) if cfg.dense_sources == "all" else [int(v) for v in cfg.dense_sources.split(",")]
+    sources = [j for j in range(newest) if j in allowed and (newest - j) % cfg.dense_dilation == 0] + [newest]
+    return (streams, sources) if streams else None
+
+
+def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
+    """The dense computation written out from spec §2.2 / §2.8 and the sparse options' documented meaning,
+    independent of the connection classes: unselected aggregations and streams pass the newest state on."""
+    cfg, conn = model.config, model.connection
+    prepost = cfg.dense_norm == "prepost"
+    rope = model.rope[: x.shape[1]][None]
+    h = model.tok_embeddings(x)
+    stored = [conn.pre_norms[0](h) if prepost else h]
+    inputs = h
+    for layer, block in enumerate(model.layers):
+        out = block(inputs, AttentionContext(rope=rope))
+        stored.append(conn.pre_norms[layer + 1](out) if prepost else out)
+        plan = chosen(cfg, layer)
+        if plan is None:
+            inputs = out
+            continue
+        streams, sources = plan
+        weights = conn.dense_bs[str(layer)][:, None, None, :]  # (C, 1, 1, n)
+        if cfg.connection in ("mudd", "ddformer"):  # the dynamic ones
+            gen = conn.dynamic_dense[str(layer)]
+            normed = gen.norm(out) if prepost else out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+            flat = F.gelu(normed @ gen.w1.weight.T) @ gen.w2.weight.T
+            weights = weights + flat.unflatten(-1, (len(streams), len(sources))).movedim(-2, 0)
+        states = torch.stack([stored[j] for j in sources])  # (n, B, T, D)
+        mixed = {s: torch.einsum("btj,jbtd->btd", weights[c].expand(*out.shape[:2], -1), states)
+                 for c, s in enumerate(streams)}
+        if prepost:
+            mixed = {s: out + (conn.post_norms[layer](m) if s == "r" else m) for s, m in mixed.items()}
+        names = "qkvr" if cfg.connection.startswith("mudd") and layer < cfg.n_layer - 1 else "r"
+        full = [mixed.get(s, out) for s in names]
+        inputs = tuple(full) if len(full) == 4 else full[0]
+    return model.output(model.norm(inputs))

@@ -2,15 +2,13 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from muddformer import MuddModel, copy_shared_weights
+from muddformer import copy_shared_weights
 from muddformer.connections.dense import generator_width
 from muddformer.kernels import depth_mix, depth_mix_reference
-from muddformer.layers import AttentionContext
 
-from conftest import (ALL_CONNECTIONS, DENSE_CONNECTIONS, assert_grads_close, build, loss_and_grads, randomize_connection,
-                      small_config)
+from conftest import (ALL_CONNECTIONS, DENSE_CONNECTIONS, assert_grads_close, build, explicit_dense_forward, loss_and_grads,
+                      randomize_connection)
 
 BLOCKS = ["llama", "pythia"]
 # The dense family; the rivals (hc, mhc, attnres) have their init, formula and gradient tests in test_rivals.py.
@@ -44,34 +42,6 @@ def test_trained_connection_changes_the_output(block, connection):
         assert (model(x).logits - before).abs().max() > 1e-3
 
 
-def explicit_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
-    """The dense computation written out from spec §2.2 / §2.8, independent of the connection classes."""
-    cfg, conn = model.config, model.connection
-    L, T = cfg.n_layer, x.shape[1]
-    prepost = cfg.dense_norm == "prepost"
-    rope = model.rope[:T][None]
-    h = model.tok_embeddings(x)
-    stored = [conn.pre_norms[0](h) if prepost else h]
-    inputs = h
-    for layer, block in enumerate(model.layers):
-        out = block(inputs, AttentionContext(rope=rope))
-        stored.append(conn.pre_norms[layer + 1](out) if prepost else out)
-        prior = conn.dense_bs[layer]  # (C, n)
-        C, n = prior.shape
-        if hasattr(conn, "dynamic_dense"):
-            gen = conn.dynamic_dense[layer]
-            normed = gen.norm(out) if prepost else out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
-            flat = F.gelu(normed @ gen.w1.weight.T) @ gen.w2.weight.T  # (B, T, C*n), index c*n + j
-            weights = torch.stack([flat[..., c * n:(c + 1) * n] for c in range(C)]) + prior[:, None, None, :]
-        else:
-            weights = prior[:, None, None, :].expand(C, *out.shape[:2], n)  # (C, B, T, n)
-        streams = [torch.einsum("btj,jbtd->btd", weights[c], torch.stack(stored)) for c in range(C)]
-        if prepost:
-            streams = [out + (conn.post_norms[layer](s) if c == C - 1 else s) for c, s in enumerate(streams)]
-        inputs = tuple(streams) if C == 4 else streams[0]
-    return model.output(model.norm(inputs))
-
-
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("connection, dense_norm", [v for v in VARIANTS if v[0] != "residual"])
 def test_dense_variants_match_the_explicit_formula(block, connection, dense_norm):
@@ -79,17 +49,17 @@ def test_dense_variants_match_the_explicit_formula(block, connection, dense_norm
     randomize_connection(model)
     x = ids()
     with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, explicit_forward(model, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x).logits, explicit_dense_forward(model, x), atol=1e-5, rtol=1e-5)
 
 
 def test_stream_layout_of_mudd():
     model = build(connection="mudd")
     conn = model.connection
     assert conn.streams == [4, 4, 1]
-    assert [tuple(b.shape) for b in conn.dense_bs] == [(4, 2), (4, 3), (1, 4)]
-    assert [b.tolist() for b in conn.dense_bs][0] == [[0, 1]] * 4  # one-hot on the newest state
-    assert [g.w1.weight.shape[0] for g in conn.dynamic_dense] == [64, 64, 64]
-    assert all(bool((g.w2.weight == 0).all()) for g in conn.dynamic_dense)
+    assert [tuple(b.shape) for b in conn.dense_bs.values()] == [(4, 2), (4, 3), (1, 4)]
+    assert [b.tolist() for b in conn.dense_bs.values()][0] == [[0, 1]] * 4  # one-hot on the newest state
+    assert [g.w1.weight.shape[0] for g in conn.dynamic_dense.values()] == [64, 64, 64]
+    assert all(bool((g.w2.weight == 0).all()) for g in conn.dynamic_dense.values())
     assert [model.connection.multiway_input(l) for l in range(3)] == [False, True, True]
     assert generator_width(4, 33, last=False, expand_last=True, round64=True) == 192  # 132 -> 192
     assert generator_width(1, 33, last=True, expand_last=True, round64=True) == 192  # 132 -> 192
@@ -209,6 +179,18 @@ def test_buffered_mix_equals_reference_values_and_gradients(block, connection, d
         randomize_connection(model)
         results[impl] = loss_and_grads(model, ids())
     (ref_loss, ref_grads), (loss, grads) = results["reference"], results["matmul"]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert_grads_close(grads, ref_grads)
+
+
+def test_compiled_mix_equals_reference_values_and_gradients():
+    # mix_impl="compiled" compiles the reference formula on its own (one graph per number of states).
+    results = {}
+    for impl in ("reference", "compiled"):
+        model = build(seed=4, connection="mudd", mix_impl=impl)
+        randomize_connection(model)
+        results[impl] = loss_and_grads(model, ids())
+    (ref_loss, ref_grads), (loss, grads) = results["reference"], results["compiled"]
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     assert_grads_close(grads, ref_grads)
 

@@ -23,7 +23,8 @@ DENSE_NORMS = ("none", "prepost")
 TABLE_DTYPES = ("float32", "bfloat16", "float16")
 INIT_METHODS = ("normal", "xavier")
 ATTN_IMPLS = ("sdpa", "reference")
-MIX_IMPLS = ("auto", "reference", "matmul", "triton")  # kernels/depth_mix.py
+DENSE_FAMILY = ("mudd", "ddformer", "denseformer", "mudd-static")  # connections/dense.py
+MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # kernels/depth_mix.py
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -59,7 +60,14 @@ class MuddConfig:
     dense_norm: str = "none"  # "prepost": PrePostDANorm of paper Eq. 10
     rope_table_dtype: str = "float32"  # rounding of the cos/sin table; published models use 16-bit
     attn_impl: str = "sdpa"  # "reference": the published code's explicit softmax, bit-exact in bfloat16
-    mix_impl: str = "auto"  # depth mix: "reference" loop (bit-exact in bfloat16), "matmul", "triton"; auto picks
+    mix_impl: str = "auto"  # depth mix: "reference" loop (bit-exact in bfloat16), "matmul", "triton", "compiled"; auto picks
+    # Sparse dense connections (paper Fig. 9, the GPT-2 speedrun's trimmed MUDD); defaults are the full form.
+    dense_layers: str = "all"  # aggregations to keep, by the block they follow: "all" or "0,5,-2" (negative from the end)
+    dense_sources: str = "all"  # states they may read: "all" or "0,3" (0 = embedding, j = block j-1's output); newest always
+    dense_streams: str = "qkvr"  # multiway streams that are mixed, e.g. "vr"; the others take the newest state
+    dense_dilation: int = 1  # read every k-th state counting back from the newest
+    dense_period: int = 1  # aggregate after every p-th block only (blocks p-1, 2p-1, ...)
+    dense_hidden: int = 0  # generator hidden width; 0: the paper's K_l rule
     recompute_mix: bool = False  # dense connections: recompute block inputs (generator, mix, pre-norms) in backward
     hyper_streams: int = 4  # hc, mhc: expansion rate n, the number of residual streams (4 in the MUDD paper's comparison)
     sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations that make the stream mixing doubly stochastic
@@ -107,7 +115,7 @@ class MuddConfig:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"MuddConfig.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}")
         for name in ("vocab_size", "n_layer", "dim", "n_head", "intermediate_size", "block_size", "hyper_streams",
-                     "sinkhorn_iters", "attnres_blocks"):
+                     "sinkhorn_iters", "attnres_blocks", "dense_dilation", "dense_period"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MuddConfig.{name} must be positive, got {getattr(self, name)}")
         for name in ("norm_eps", "rope_base", "init_std"):
@@ -116,6 +124,7 @@ class MuddConfig:
         if self.connection == "mhc" and self.hyper_streams < 2:
             raise ConfigError(f"MuddConfig.hyper_streams={self.hyper_streams} gives connection='mhc' a single stream, which its "
                               "sigmoid and Sinkhorn weights cannot start as a residual; use hyper_streams >= 2")
+        self._validate_sparse()
         if self.dim % self.n_head:
             raise ConfigError(f"MuddConfig.dim={self.dim} is not divisible by n_head={self.n_head}; pick a dim that is a multiple of n_head")
         if not 0 < self.rotary_pct <= 1:
@@ -132,6 +141,42 @@ class MuddConfig:
             tok = getattr(self, name)
             if tok is not None and not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"MuddConfig.{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _validate_sparse(self) -> None:
+        if self.dense_hidden < 0:
+            raise ConfigError(f"MuddConfig.dense_hidden must be >= 0 (0: the paper's width rule), got {self.dense_hidden}")
+        L = self.n_layer
+        for layer in [] if self.dense_layers == "all" else _int_list(self.dense_layers, "dense_layers"):
+            if not -L <= layer < L:
+                raise ConfigError(f"MuddConfig.dense_layers: layer {layer} is outside [-{L}, {L}) for n_layer={L}")
+        for j in self.dense_source_set or ():
+            if not 0 <= j <= L:
+                raise ConfigError(f"MuddConfig.dense_sources: state {j} is outside [0, {L}] (0 = embedding, j = block j-1's output)")
+        streams = self.dense_streams
+        if not streams or set(streams) - set("qkvr") or len(set(streams)) != len(streams):
+            raise ConfigError(f"MuddConfig.dense_streams={streams!r} must be distinct letters of 'qkvr', e.g. 'vr'")
+        if self.is_sparse and self.connection not in DENSE_FAMILY:
+            raise ConfigError(f"sparse dense_* options apply to the dense connections ({', '.join(DENSE_FAMILY)}), "
+                              f"not connection={self.connection!r}; drop them or pick one of those")
+        if streams != "qkvr" and self.connection in ("ddformer", "denseformer"):
+            raise ConfigError(f"MuddConfig.dense_streams={streams!r} needs a multiway connection (mudd, mudd-static); "
+                              f"{self.connection} mixes one stream")
+
+    @property
+    def dense_layer_set(self) -> set[int] | None:
+        """The kept aggregations as indices 0..L-1 (None: all)."""
+        if self.dense_layers == "all":
+            return None
+        return {i % self.n_layer for i in _int_list(self.dense_layers, "dense_layers")}
+
+    @property
+    def dense_source_set(self) -> set[int] | None:
+        return None if self.dense_sources == "all" else set(_int_list(self.dense_sources, "dense_sources"))
+
+    @property
+    def is_sparse(self) -> bool:
+        return (self.dense_layers, self.dense_sources, self.dense_streams, self.dense_dilation, self.dense_period,
+                self.dense_hidden) != ("all", "all", "qkvr", 1, 1, 0)
 
     # ---- derived sizes ----------------------------------------------------------------------
     @property
@@ -211,6 +256,13 @@ class MuddConfig:
         raise ConfigError(f"{path!r} is neither a preset nor a config file nor a model folder; presets: {', '.join(PRESETS)}")
 
 
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"MuddConfig.{name}={text!r} must be 'all' or comma-separated integers, e.g. '0,3,-1'") from None
+
+
 def _allowed_types(hint: Any) -> tuple[type, ...]:
     args = typing.get_args(hint)
     return tuple(a for a in args) if args else (hint,)
@@ -265,6 +317,8 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
         problems.append(f"connection={cfg.connection!r} (the published layout holds 'mudd' models)")
     if cfg.ffn_schedule != "linear":
         problems.append("ffn_schedule='constant' (the reference always uses the linear width schedule)")
+    if cfg.is_sparse:
+        problems.append("sparse dense_* options (the reference connects every layer to every state)")
     if cfg.dense_norm != "none":
         problems.append(f"dense_norm={cfg.dense_norm!r} (the reference has no PrePostDANorm)")
     if cfg.block == "llama" and cfg.rotary_pct != 1.0:

@@ -51,5 +51,22 @@ _CPU = {
 for _size, _shape in _CPU.items():
     PRESETS[_size] = dict(block="llama", **_shape, **_MUDD)
     PRESETS[f"tfm++-{_size}"] = dict(block="llama", **_shape, **_TFMPP)
+
+
+def trimmed_mudd(n_layer: int) -> dict[str, Any]:
+    """The trimmed MUDD of the GPT-2 speedrun records: dense inputs for the last two blocks only, read
+    from the embedding, two middle states and the newest one, mixing only the value and residual
+    streams, with a 64-wide generator (its output starts at zero, so the model starts as a residual one)."""
+    middle = n_layer // 2
+    return dict(connection="mudd", dense_layers="-3,-2", dense_sources=f"0,{middle},{middle + 1}", dense_streams="vr",
+                dense_hidden=64)
+
+
+for _size in ("tiny", "small"):  # the trimmed form needs three blocks or more
+    _shape = _CPU[_size]
+    PRESETS[f"mudd-trimmed-{_size}"] = dict(block="llama", **_shape, ffn_schedule="constant",
+                                            **trimmed_mudd(_shape["n_layer"]))
+PRESETS["muddformer-trimmed-405m"] = dict(_PILE, block="llama", use_qk_norm=False, **_SCALING["405m"],
+                                          ffn_schedule="constant", **trimmed_mudd(_SCALING["405m"]["n_layer"]))
 PRESETS["muddpythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_MUDD)
 PRESETS["pythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_TFMPP)

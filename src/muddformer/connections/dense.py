@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MuddConfig
-from ..kernels.depth_mix import DepthBuffer, depth_mix_buffered, depth_mix_reference
+from ..kernels.depth_mix import UNBUFFERED, DepthBuffer, depth_mix_buffered
 from ..layers import BlockInput, RMSNorm, rms_norm_no_scale
 from .base import Connection, DepthState
 
@@ -52,6 +52,37 @@ class WeightGenerator(nn.Module):
         return self.w2(F.gelu(self.w1(h)))
 
 
+@dataclass(frozen=True)
+class Aggregation:
+    """What the aggregation after one block mixes: stream positions of the next block's input and source states."""
+
+    streams: tuple[int, ...]  # positions in (q, k, v, r), or (0,) for a single input
+    sources: tuple[int, ...]  # state indices, ascending; the newest state is always last
+
+
+def aggregation_plan(cfg: MuddConfig, n_streams: int) -> list[Aggregation | None]:
+    """The aggregation after each block l, or None where block l+1 just takes block l's output.
+
+    The sparse options (config `dense_*`) select layers (`dense_layers`, `dense_period`: kept when
+    (l+1) % p == 0), source states (`dense_sources`, `dense_dilation`: states l+1, l+1-k, ...) and
+    multiway streams (`dense_streams`); the defaults select everything, the paper's full MUDD.
+    """
+    L, layers, sources = cfg.n_layer, cfg.dense_layer_set, cfg.dense_source_set
+    plan: list[Aggregation | None] = []
+    for layer in range(L):
+        newest = layer + 1
+        keep = (layers is None or layer in layers) and newest % cfg.dense_period == 0
+        if n_streams == 1:
+            streams = (0,)
+        elif layer == L - 1:  # the last aggregation feeds the output norm: the R stream only
+            streams = (0,) if "r" in cfg.dense_streams else ()
+        else:
+            streams = tuple(i for i, name in enumerate("qkvr") if name in cfg.dense_streams)
+        src = tuple(j for j in range(newest) if (sources is None or j in sources) and (newest - j) % cfg.dense_dilation == 0)
+        plan.append(Aggregation(streams, src + (newest,)) if keep and streams else None)
+    return plan
+
+
 class DenseConnection(Connection):
     """Dense connection over depth; subclasses fix the number of streams and whether it is dynamic."""
 
@@ -60,17 +91,26 @@ class DenseConnection(Connection):
 
     def __init__(self, cfg: MuddConfig):
         super().__init__(cfg)
-        L, C = cfg.n_layer, self.n_streams
+        L = cfg.n_layer
         self.prepost = cfg.dense_norm == "prepost"
-        self.streams = [C if layer < L - 1 else 1 for layer in range(L)]
-        self.dense_bs = nn.ParameterList(nn.Parameter(torch.zeros(self.streams[layer], layer + 2)) for layer in range(L))
+        self.plan = aggregation_plan(cfg, self.n_streams)
+        kept = {layer: agg for layer, agg in enumerate(self.plan) if agg is not None}
+        # The streams each aggregation mixes ([4, 4, ..., 1] for full MUDD; 0 where none).
+        self.streams = [len(agg.streams) if agg else 0 for agg in self.plan]
+        # Keyed by layer, so full MUDD keeps the published names dense_bs.{l} and dynamic_dense.{l}.
+        self.dense_bs = nn.ParameterDict({str(layer): nn.Parameter(torch.zeros(len(agg.streams), len(agg.sources)))
+                                          for layer, agg in kept.items()})
         if self.dynamic:
-            self.dynamic_dense = nn.ModuleList(
-                WeightGenerator(
-                    cfg.dim,
-                    generator_width(self.streams[layer], layer + 2, layer == L - 1, cfg.dense_expand_last, cfg.dense_round64),
-                    self.streams[layer] * (layer + 2), cfg.norm_eps, scaled_norm=self.prepost)
-                for layer in range(L))
+            def width(layer: int, agg: Aggregation) -> int:
+                if cfg.dense_hidden:
+                    return cfg.dense_hidden
+                return generator_width(len(agg.streams), len(agg.sources), layer == L - 1, cfg.dense_expand_last,
+                                       cfg.dense_round64)
+
+            self.dynamic_dense = nn.ModuleDict({
+                str(layer): WeightGenerator(cfg.dim, width(layer, agg), len(agg.streams) * len(agg.sources),
+                                            cfg.norm_eps, scaled_norm=self.prepost)
+                for layer, agg in kept.items()})
         if self.prepost:
             # PrePostDANorm (paper Eq. 10): every stored state is normalised; the R stream's sum is
             # normalised again with a small scale and added to the newest state.
@@ -81,17 +121,21 @@ class DenseConnection(Connection):
         self.recompute = cfg.recompute_mix
         self.reset_parameters()
 
+    def input_streams(self, layer: int) -> int:
+        """How many stream tensors the aggregation after block `layer` hands on: 4 (q, k, v, r) or 1."""
+        return 4 if self.n_streams == 4 and layer < self.n_layer - 1 else 1
+
     def multiway_input(self, layer: int) -> bool:
-        return layer >= 1 and self.streams[layer - 1] == 4
+        return layer >= 1 and self.plan[layer - 1] is not None and self.input_streams(layer - 1) == 4
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            for bias in self.dense_bs:
+            for bias in self.dense_bs.values():
                 bias.zero_()
                 if not self.prepost:
                     bias[:, -1] = 1.0
             if self.dynamic:
-                for gen in self.dynamic_dense:
+                for gen in self.dynamic_dense.values():
                     nn.init.normal_(gen.w1.weight, std=self.dim ** -0.5)
                     nn.init.zeros_(gen.w2.weight)
                     if gen.norm is not None:
@@ -104,8 +148,9 @@ class DenseConnection(Connection):
 
     def uses_buffer(self) -> bool:
         # Eager runs write states into one buffer and mix with a batched matmul (or Triton); under
-        # torch.compile the reference formula is what inductor fuses best; "reference" keeps bit-parity.
-        return self.mix_impl != "reference" and not torch.compiler.is_compiling()
+        # torch.compile the reference formula is what inductor fuses best; "reference" keeps bit-parity,
+        # and "compiled" compiles that formula on its own.
+        return self.mix_impl not in UNBUFFERED and not torch.compiler.is_compiling()
 
     def begin(self, x0: torch.Tensor) -> DepthState:
         state = DepthState(inputs=x0)
@@ -119,34 +164,42 @@ class DenseConnection(Connection):
         return state.states[-1]
 
     def dense_weights(self, layer: int, out: torch.Tensor) -> torch.Tensor:
-        """Weights (B, T, C, n) for the states after block `layer`; static ones are (1, 1, C, n)."""
-        bias = self.dense_bs[layer]
+        """Weights (B, T, C, n) over `plan[layer].sources` after block `layer`; static ones are (1, 1, C, n)."""
+        bias = self.dense_bs[str(layer)]
         if not self.dynamic:
             return bias[None, None]
         B, T, _ = out.shape
-        return self.dynamic_dense[layer](out).view(B, T, *bias.shape) + bias
+        return self.dynamic_dense[str(layer)](out).view(B, T, *bias.shape) + bias
 
     def advance(self, state: DepthState, layer: int, out: torch.Tensor) -> None:
         stored = self.store(state, self.pre_norms[layer + 1](out) if self.prepost else out)
         # The generator reads the stored slot rather than `out`, so `out` is not kept for backward.
         gen_input = out if self.prepost else stored
-        if self.recompute and layer < self.n_layer - 1 and torch.is_grad_enabled():
+        if self.plan[layer] is None:  # a sparse model skips this aggregation: a plain residual step
+            state.inputs = gen_input
+        elif self.recompute and layer < self.n_layer - 1 and torch.is_grad_enabled():
             state.inputs = _Pending(layer, gen_input, len(state.states))  # made inside the next block
-            return
-        state.inputs = self.next_inputs(state.buffer, state.states, layer, gen_input)
+        else:
+            state.inputs = self.next_inputs(state.buffer, state.states, layer, gen_input)
 
     def next_inputs(self, buffer: DepthBuffer | None, states: list[torch.Tensor], layer: int,
                     gen_input: torch.Tensor) -> BlockInput:
         """The inputs of block layer+1: the mix of the stored states with the weights made from block layer's output."""
+        agg = self.plan[layer]
         weights = self.dense_weights(layer, gen_input)
-        if buffer is not None:
+        if buffer is not None and agg.sources == tuple(range(len(states))):
             mixed = depth_mix_buffered(buffer, states, weights, self.mix_impl)
-        else:
-            mixed = depth_mix_reference(states, weights)
-        if self.prepost:  # gen_input is the block output itself
-            last = len(mixed) - 1  # the R stream
-            mixed = [gen_input + (self.post_norms[layer](m) if c == last else m) for c, m in enumerate(mixed)]
-        return tuple(mixed) if len(mixed) == 4 else mixed[0]
+        else:  # the reference formula (or its compiled form) over the chosen states
+            mixed = UNBUFFERED.get(self.mix_impl, UNBUFFERED["reference"])([states[j] for j in agg.sources], weights)
+        by_position = dict(zip(agg.streams, mixed))
+        n_out = self.input_streams(layer)
+        if self.prepost:  # gen_input is the block output itself; the R stream's sum is normalised again
+            streams = [gen_input if c not in by_position else
+                       gen_input + (self.post_norms[layer](by_position[c]) if c == n_out - 1 else by_position[c])
+                       for c in range(n_out)]
+        else:  # streams that are not mixed take the newest state, as in a residual model
+            streams = [by_position.get(c, gen_input) for c in range(n_out)]
+        return tuple(streams) if n_out == 4 else streams[0]
 
     def run_block(self, state: DepthState, layer: int, block: nn.Module, ctx) -> None:
         if isinstance(state.inputs, _Pending):

@@ -11,6 +11,9 @@ Weights have shape (B, T, C, N), or (1, 1, C, N) for static weights; states are 
   (no O(L^2) stacking or temporaries), with a hand-written backward (two batched matmuls).
 - On CUDA, with triton installed, the same buffered path runs the fused Triton kernels
   (`depth_mix_triton`), which read the states once and accumulate in float32.
+- `depth_mix_compiled` is the reference formula compiled on its own, for eager models: inductor
+  fuses each mix and its backward into one loop over the states, the fastest path on the CPU. It
+  compiles one graph per number of states (about 10 s each on a CPU), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-IMPLS = ("auto", "reference", "matmul", "triton")
+IMPLS = ("auto", "reference", "matmul", "triton", "compiled")
 
 
 def _check(n_states: int, weights: torch.Tensor) -> None:
@@ -37,6 +40,21 @@ def depth_mix_reference(states: Sequence[torch.Tensor], weights: torch.Tensor) -
             acc = acc + weights[..., c, j, None] * states[j]
         mixed.append(acc)
     return mixed
+
+
+_compiled_mix = None
+
+
+def depth_mix_compiled(states: Sequence[torch.Tensor], weights: torch.Tensor) -> list[torch.Tensor]:
+    """`depth_mix_reference` through torch.compile; inside an already compiled model, the plain formula."""
+    global _compiled_mix
+    if torch.compiler.is_compiling():
+        return depth_mix_reference(states, weights)
+    if _compiled_mix is None:
+        _compiled_mix = torch.compile(depth_mix_reference)
+    # One graph per number of states: a deep model needs more graphs than dynamo's default limit of 8.
+    with torch._dynamo.config.patch(recompile_limit=max(64, 2 * len(states))):
+        return _compiled_mix(states, weights)
 
 
 class DepthBuffer:
@@ -124,6 +142,9 @@ def _backward(w: torch.Tensor, X: torch.Tensor, g: torch.Tensor, triton: bool) -
     return gX, gW.to(w.dtype)
 
 
+UNBUFFERED = {"reference": depth_mix_reference, "compiled": depth_mix_compiled}
+
+
 class _BufferedMix(torch.autograd.Function):
     """out (B, T, C, D) = w @ X[:n]; the states are inputs only to route each one's gradient."""
 
@@ -155,11 +176,12 @@ def depth_mix_buffered(buffer: DepthBuffer, states: Sequence[torch.Tensor], weig
 
 
 def depth_mix(states: Sequence[torch.Tensor], weights: torch.Tensor, impl: str = "reference") -> list[torch.Tensor]:
-    """Mix a list of states by name of implementation: "reference", or a buffered one ("matmul", "triton", "auto")."""
+    """Mix a list of states by name of implementation: "reference", "compiled", or a buffered one
+    ("matmul", "triton", "auto")."""
     if impl not in IMPLS:
         raise ValueError(f"unknown depth_mix implementation {impl!r}; choose one of {', '.join(IMPLS)}")
-    if impl == "reference":
-        return depth_mix_reference(states, weights)
+    if impl in UNBUFFERED:
+        return UNBUFFERED[impl](states, weights)
     _check(len(states), weights)
     buffer = DepthBuffer(states[0], len(states))
     stored = [buffer.store(s) for s in states]
