@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,27 @@ def assert_grads_close(grads: dict, expected: dict, rel: float = 2e-6) -> None:
     assert grads.keys() == expected.keys()
     for name, want in expected.items():
         assert (grads[name] - want).abs().max() <= rel * want.abs().max() + 1e-7, name
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `mudd ARGS...` in this process (faster than a subprocess; main() is what the script calls)."""
+    from muddformer.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run
+
+
+def assert_one_line_error(proc, *words):
+    """The command failed with exit code 2 and one `mudd: error:` line naming each word."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("mudd: error: ") and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    for word in words:
+        assert word in proc.stderr
 
 
 @pytest.fixture(scope="session")

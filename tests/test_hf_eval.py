@@ -2,21 +2,19 @@
 
 import json
 import math
-import subprocess
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from muddformer import MuddConfig, MuddForCausalLM, MuddModel
-from muddformer.cli import main
 from muddformer.data import bundled_split, export_tokenizer, load_tokenizer
 from muddformer.eval_tasks import LOCAL_TASK, local_task_items, local_tasks_dir
 from muddformer.generation import generate
 from muddformer.hf import MuddHFConfig, MuddPythiaForCausalLM
 from muddformer.model import next_token_loss
 
-from conftest import FIXTURE_NAMES, FIXTURE_TOL, randomize_connection
+from conftest import FIXTURE_NAMES, FIXTURE_TOL, assert_one_line_error, randomize_connection
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +28,6 @@ def model_dir(play_data, tmp_path_factory):
     MuddForCausalLM(MuddHFConfig.from_mudd(cfg), model=core).save_pretrained(folder)
     export_tokenizer(play_data / "tokenizer.json", folder, cfg.block_size)
     return folder
-
-
-@pytest.fixture
-def run_cli(capsys):
-    """Run `mudd ARGS...` in this process (faster than a subprocess; main() is what the script calls)."""
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-    return run
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("mudd: error: ") and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
-    for word in words:
-        assert word in proc.stderr
 
 
 # ---- transformers ------------------------------------------------------------------------------

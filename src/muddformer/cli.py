@@ -119,7 +119,9 @@ def make_parser() -> argparse.ArgumentParser:
             ("train", "train", "train a model (bundled corpus by default); re-running resumes"),
             ("generate", "textgen", "continue prompts with a model, streaming the text"),
             ("eval", "evaluate", "perplexity on a text file and lm-evaluation-harness tasks"),
-            ("bench", "bench", "speed and memory of MUDD against Transformer++ of the same shape, as ratios")):
+            ("bench", "bench", "speed and memory of MUDD against Transformer++ of the same shape, as ratios"),
+            ("analyze", "analyze", "representation collapse, head activity and dense-weight maps of one or two models"),
+            ("compare", "compare", "train several connections on the same data and seeds; table, plots, t-tests, compute multiplier")):
         mod = importlib.import_module(f".{module}", __package__)
         p = sub.add_parser(name, help=help_text)
         getattr(mod, f"add_{name}_arguments")(p)

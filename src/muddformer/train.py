@@ -31,6 +31,7 @@ from .data import DataError, TokenData, bundled_data_dir, eval_windows, iter_eva
 from .errors import ConfigError, MuddError
 from .model import MuddModel, count_parameters, next_token_loss
 from .parallel import DistInfo, all_reduce_mean, close_distributed, init_distributed, parallelize
+from .plotting import pyplot, save_png
 from .run_checkpoints import list_checkpoints, resume_latest, save_checkpoint
 
 # Peak learning rates of the paper (spec §5) and of the Pythia recipe; small CPU models train faster higher.
@@ -244,11 +245,7 @@ class RunLog:
 
 def plot_losses(records: list[dict], path: Path, title: str) -> None:
     """Training and validation loss against step, as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -262,9 +259,7 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(str(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def environment(device: torch.device, world: int = 1) -> dict:

@@ -1,0 +1,210 @@
+"""`mudd compare`: Welch's t-test, the compute multiplier, and a small end-to-end compare that resumes."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from muddformer.cli import main
+from muddformer.compare import (CompareConfig, compute_multiplier, regularized_incomplete_beta, student_t_two_sided_p,
+                                welch_t_test)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- Welch's t-test -------------------------------------------------------------------------------
+# Reference values from scipy.stats.ttest_ind(a, b, equal_var=False) (statistic, pvalue, df).
+@pytest.mark.parametrize("a, b, t, df, p", [
+    ([1.0, 2.0, 3.0, 4.0], [2.5, 3.5, 4.5, 6.0, 7.0], -2.1153194253318914, 6.946661847188643, 0.07252100711561206),
+    ([5.1, 5.2, 5.15], [5.0, 5.05, 4.98], 3.933660408643102, 3.637279596977305, 0.02044611008525842),
+    ([3.0, 3.1, 2.9, 3.05], [10.0, 20.0, 30.0], -2.9422408585590523, 2.000218751993379, 0.09869595806894292),
+    ([4.20, 4.31, 4.27], [4.25, 4.26, 4.22, 4.24], 0.526152219601985, 2.2846327741600962, 0.6454542799108048),
+])
+def test_welch_t_test_matches_reference_values(a, b, t, df, p):
+    r = welch_t_test(a, b)
+    assert r["t"] == pytest.approx(t, rel=1e-10)
+    assert r["df"] == pytest.approx(df, rel=1e-10)
+    assert r["p"] == pytest.approx(p, rel=1e-9)
+
+
+def test_welch_t_test_edge_cases():
+    assert welch_t_test([1.0, 1.0], [2.0, 2.0]) == {"t": -math.inf, "df": None, "p": 0.0}  # no variance, means differ
+    assert welch_t_test([1.0, 1.0], [1.0, 1.0]) == {"t": 0.0, "df": None, "p": 1.0}
+    assert welch_t_test([1.0], [1.0, 2.0]) == {"t": None, "df": None, "p": None}  # variance unknown
+    assert welch_t_test([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])["p"] == pytest.approx(0.28786413472669053, rel=1e-9)
+
+
+def test_student_t_and_incomplete_beta_against_known_values():
+    # Two-sided p of the t distribution (scipy: 2 * stats.t.sf(|t|, df)) and the beta CDF (stats.beta.cdf).
+    assert student_t_two_sided_p(2.0, 5.0) == pytest.approx(0.10193947882985835, rel=1e-10)
+    assert student_t_two_sided_p(-12.7062047361747, 1.0) == pytest.approx(0.05, rel=1e-9)
+    assert student_t_two_sided_p(1.959963984540054, 1e7) == pytest.approx(0.05000002772951259, rel=1e-7)  # ~ the normal
+    assert student_t_two_sided_p(0.0, 3.0) == 1.0
+    assert regularized_incomplete_beta(2.5, 7.0, 0.3) == pytest.approx(0.6412224629717214, rel=1e-10)
+    assert regularized_incomplete_beta(30.0, 0.5, 0.99) == pytest.approx(0.43933436890525074, rel=1e-10)
+
+
+# ---- compute multiplier ---------------------------------------------------------------------------
+def baseline_curve(last=400, every=30):
+    steps = list(range(every, last + 1, every))
+    return steps, [4 / math.sqrt(s) for s in steps]
+
+
+def test_multiplier_of_a_method_twice_as_efficient():
+    steps, losses = baseline_curve()
+    m = compute_multiplier(steps, losses, method_final_loss=4 / math.sqrt(200), method_steps=100)
+    # 200 lies between evaluations 180 and 210: linear interpolation of a convex curve overshoots slightly.
+    assert m["multiplier"] == pytest.approx(2.0, abs=0.02) and m["lower_bound"] is None
+    assert 180 < m["step"] < 210
+
+
+def test_multiplier_equal_lower_bound_and_upper_bound():
+    steps, losses = baseline_curve()
+    equal = compute_multiplier(steps, losses, losses[-1], steps[-1])
+    assert equal["multiplier"] == pytest.approx(1.0)
+    never = compute_multiplier(steps, losses, method_final_loss=0.1, method_steps=100)
+    assert never["multiplier"] is None and never["lower_bound"] == pytest.approx(3.9)
+    worse = compute_multiplier(steps, losses, method_final_loss=losses[3] + 1e-9, method_steps=390)
+    assert worse["multiplier"] == pytest.approx(120 / 390, rel=1e-6)  # below 1: the baseline is better
+    before = compute_multiplier(steps, losses, method_final_loss=5.0, method_steps=100)
+    assert before["multiplier"] is None and before["upper_bound"] == pytest.approx(0.3)
+
+
+def test_multiplier_uses_the_running_minimum():
+    # A noisy bump after step 20 must not make the curve reach the loss "again" later.
+    m = compute_multiplier([10, 20, 30, 40], [3.0, 2.0, 2.5, 1.0], method_final_loss=2.0, method_steps=40)
+    assert m["step"] == 20 and m["multiplier"] == 0.5
+    m = compute_multiplier([10, 20, 30, 40], [3.0, 2.0, 2.5, 1.0], method_final_loss=1.5, method_steps=20)
+    assert m["step"] == pytest.approx(35.0) and m["multiplier"] == pytest.approx(1.75)
+
+
+def test_default_eval_every_gives_ten_points():
+    assert CompareConfig(steps=450).resolved().eval_every == 45
+    assert CompareConfig(steps=4).resolved().eval_every == 1
+    assert CompareConfig(steps=4, eval_every=3).resolved().eval_every == 3
+
+
+# ---- end to end -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """One play to train on and part of another to validate on, with a 300-token BPE (fits nano's 512)."""
+    from muddformer.data import bundled_plays, prepare_documents
+
+    plays = {p["name"]: p["text"] for p in bundled_plays()}
+    out = tmp_path_factory.mktemp("data") / "compare-bpe300"
+    prepare_documents({"train": [plays["macbeth"]], "val": [plays["the-tempest"][:20_000]]}, out, vocab_size=300)
+    return out
+
+
+def compare_args(data, out, steps="4", eval_every="2"):
+    return ["compare", "--preset", "nano", "--connections", "residual,mudd", "--seeds", "2", "--steps", steps,
+            "--data", str(data), "--out", str(out), "--batch-size", "2", "--seq-len", "16", "--eval-windows", "2",
+            "--eval-every", eval_every, "--device", "cpu", "--no-progress"]
+
+
+def test_compare_end_to_end_resumes_and_refuses_other_settings(small_data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(compare_args(small_data, out)) == 0
+    printed = capsys.readouterr().out
+    assert "[1/4] residual seed 0: started" in printed and "[4/4] mudd seed 1: finished" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["baseline"] == "residual" and results["tokens_per_run"] == 4 * 2 * 16
+    assert set(results["connections"]) == {"residual", "mudd"}
+    for name, r in results["connections"].items():
+        assert len(r["final_val_loss"]) == 2 and all(math.isfinite(v) for v in r["final_val_loss"])
+        assert r["mean"] == pytest.approx(sum(r["final_val_loss"]) / 2)
+        assert r["std"] == pytest.approx(abs(r["final_val_loss"][0] - r["final_val_loss"][1]) / math.sqrt(2))
+        assert r["curve"]["step"] == [2, 4] and len(r["curve"]["mean"]) == 2
+        assert r["parameters"] > 0 and r["flops_per_token"] > 0 and r["tokens_per_s"] > 0
+        assert r["memory"]["kind"] == "saved_activations_one_batch" and r["memory"]["bytes"] > 0
+        cm = r["compute_multiplier"]
+        assert cm["multiplier"] is not None or cm["lower_bound"] is not None or cm["upper_bound"] is not None
+    assert results["connections"]["residual"]["welch"] is None
+    assert set(results["connections"]["mudd"]["welch"]) == {"t", "df", "p"}
+    assert results["connections"]["mudd"]["parameters"] > results["connections"]["residual"]["parameters"]
+    # Every connection's run of a seed trains with that seed (same init RNG and batches).
+    first = lambda name: json.loads((out / "runs" / name / "seed0" / "run.json").read_text())
+    assert first("mudd")["train_config"]["seed"] == first("residual")["train_config"]["seed"] == 0
+
+    md = (out / "results.md").read_text()
+    assert "| connection | params | val loss mean ± std | Δ vs baseline | p (Welch) |" in md
+    assert "| residual (baseline) |" in md and "| mudd |" in md
+    assert "mudd compare --preset nano --connections residual,mudd --seeds 2 --steps 4" in md
+    assert "--eval-every 2" in md
+    for png in ("loss_vs_step.png", "loss_vs_flops.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+    # Re-running skips every finished run and leaves the run folders untouched.
+    metrics = out / "runs" / "mudd" / "seed1" / "metrics.jsonl"
+    stamp = os.stat(metrics).st_mtime_ns
+    assert main(compare_args(small_data, out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished before, skipped") == 4 and "started" not in printed
+    assert os.stat(metrics).st_mtime_ns == stamp
+    again = json.loads((out / "results.json").read_text())
+    assert again["connections"]["mudd"]["final_val_loss"] == results["connections"]["mudd"]["final_val_loss"]
+
+    # Other settings on the same folder: one line, exit 2, nothing changed.
+    assert main(compare_args(small_data, out, steps="5")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mudd: error: ") and err.count("\n") == 1
+    assert "different settings" in err and "steps 5 here, 4 there" in err
+    assert os.stat(metrics).st_mtime_ns == stamp
+
+    # --baseline-steps extends the compare: only the longer baseline runs are trained, and the
+    # compute multiplier reads their curve.
+    assert main(compare_args(small_data, out) + ["--baseline-steps", "4"]) == 2
+    assert "--baseline-steps 4 must exceed --steps 4" in capsys.readouterr().err
+    assert main(compare_args(small_data, out) + ["--baseline-steps", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished before, skipped") == 4 and "[5/6] residual seed 0 (8 steps): started" in printed
+    assert os.stat(metrics).st_mtime_ns == stamp
+    longer = json.loads((out / "results.json").read_text())
+    curve = longer["baseline_long"]["curve"]
+    assert longer["baseline_long"]["steps"] == 8 and curve["step"] == [2, 4, 6, 8]
+    for name, r in longer["connections"].items():
+        assert r["compute_multiplier"] == compute_multiplier(curve["step"], curve["mean"], r["mean"], 4)
+    assert "--baseline-steps 8" in (out / "results.md").read_text()
+
+
+def test_compare_resumes_an_unfinished_run(small_data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = compare_args(small_data, out, steps="2", eval_every="1")
+    args[args.index("residual,mudd")] = "residual"
+    args[args.index("--seeds") + 1] = "1"
+    assert main(args) == 0
+    run = out / "runs" / "residual" / "seed0"
+    # Simulate a run killed after its first checkpoint: drop the last checkpoint and its metrics.
+    shutil.rmtree(run / "checkpoints" / "step_000002")
+    lines = [l for l in (run / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] <= 1]
+    (run / "metrics.jsonl").write_text("".join(l + "\n" for l in lines))
+    capsys.readouterr()
+    assert main(args + ["--json"]) == 0
+    captured = capsys.readouterr()
+    printed = captured.err  # with --json the progress lines go to stderr, stdout holds the JSON alone
+    assert "[1/1] residual seed 0: resuming from step 1" in printed and "finished in" in printed
+    results = json.loads(captured.out)
+    assert results == json.loads((out / "results.json").read_text())
+    assert results["connections"]["residual"]["std"] is None  # one seed: no spread, no test
+    assert results["connections"]["residual"]["compute_multiplier"]["multiplier"] is not None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--connections", "residual,mud"], "unknown connection 'mud' in --connections; choose from residual, mudd"),
+    (["--connections", "mudd,hc"], "--baseline 'residual' is not among --connections mudd,hc"),
+    (["--seed-list", "0,x"], "--seed-list '0,x' must be comma-separated integers"),
+    (["--set", "n_layers=3"], "unknown MuddConfig field 'n_layers'"),
+])
+def test_bad_options_are_one_line_and_write_nothing(small_data, tmp_path, capsys, extra, message):
+    out = tmp_path / "cmp"
+    args = compare_args(small_data, out)
+    if "--seed-list" in extra:
+        i = args.index("--seeds")
+        del args[i:i + 2]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
