@@ -123,6 +123,8 @@ def test_compare_end_to_end_resumes_and_refuses_other_settings(small_data, tmp_p
         cm = r["compute_multiplier"]
         assert cm["multiplier"] is not None or cm["lower_bound"] is not None or cm["upper_bound"] is not None
     assert results["connections"]["residual"]["welch"] is None
+    assert results["pairwise_welch"]["mudd"]["residual"] == results["connections"]["mudd"]["welch"]
+    assert results["pairwise_welch"]["residual"]["mudd"]["t"] == pytest.approx(-results["connections"]["mudd"]["welch"]["t"])
     assert set(results["connections"]["mudd"]["welch"]) == {"t", "df", "p"}
     assert results["connections"]["mudd"]["parameters"] > results["connections"]["residual"]["parameters"]
     # Every connection's run of a seed trains with that seed (same init RNG and batches).
@@ -134,6 +136,7 @@ def test_compare_end_to_end_resumes_and_refuses_other_settings(small_data, tmp_p
     assert "| residual (baseline) |" in md and "| mudd |" in md
     assert "mudd compare --preset nano --connections residual,mudd --seeds 2 --steps 4" in md
     assert "--eval-every 2" in md
+    assert "| row − column | residual | mudd |" in md
     for png in ("loss_vs_step.png", "loss_vs_flops.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
@@ -165,8 +168,13 @@ def test_compare_end_to_end_resumes_and_refuses_other_settings(small_data, tmp_p
     longer = json.loads((out / "results.json").read_text())
     curve = longer["baseline_long"]["curve"]
     assert longer["baseline_long"]["steps"] == 8 and curve["step"] == [2, 4, 6, 8]
+    own = compute_multiplier(curve["step"], curve["mean"], longer["connections"]["residual"]["mean"], 4)["multiplier"]
     for name, r in longer["connections"].items():
-        assert r["compute_multiplier"] == compute_multiplier(curve["step"], curve["mean"], r["mean"], 4)
+        expect = compute_multiplier(curve["step"], curve["mean"], r["mean"], 4)
+        relative = r["compute_multiplier"].pop("relative")
+        assert r["compute_multiplier"] == expect
+        if expect["multiplier"] is not None and own:
+            assert relative == pytest.approx(expect["multiplier"] / own)
     assert "--baseline-steps 8" in (out / "results.md").read_text()
 
 

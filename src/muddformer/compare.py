@@ -429,10 +429,35 @@ def collect_results(cc: CompareConfig, data: str, out: Path) -> dict:
         r["delta_vs_baseline"] = r["mean"] - base["mean"]
         r["welch"] = welch_t_test(r["final_val_loss"], base["final_val_loss"]) if name != cc.baseline else None
         r["compute_multiplier"] = compute_multiplier(curve["step"], curve["mean"], r["mean"], cc.steps)
+    own = per[cc.baseline]["compute_multiplier"]["multiplier"]
+    for r in per.values():  # on a longer baseline's curve: relative to where the baseline's own loss lies
+        m = r["compute_multiplier"]
+        m["relative"] = m["multiplier"] / own if long and own and m["multiplier"] is not None else None
     return {"format": FORMAT, "version": FORMAT_VERSION, "command": command_line(cc, out), "settings": asdict(cc),
             "baseline": cc.baseline, "baseline_long": long, "connections_order": list(cc.connections), "steps": cc.steps,
             "tokens_per_step": tokens_per_step, "tokens_per_run": tokens_per_step * cc.steps,
-            "data": first["data"], "environment": first["environment"], "connections": per}
+            "data": first["data"], "environment": first["environment"], "connections": per,
+            "pairwise_welch": pairwise_welch(per, cc.connections)}
+
+
+def pairwise_welch(per: dict, names: list[str]) -> dict:
+    """Welch's test of every pair (row minus column), for orderings among the connections themselves."""
+    return {a: {b: welch_t_test(per[a]["final_val_loss"], per[b]["final_val_loss"]) for b in names if b != a}
+            for a in names}
+
+
+def pairwise_table(results: dict) -> str:
+    """Welch p-values of every pair, with the sign of the row's mean loss minus the column's."""
+    names = results["connections_order"]
+    rows = ["| row − column | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for a in names:
+        cells = []
+        for b in names:
+            w = results["pairwise_welch"][a].get(b)
+            diff = results["connections"][a]["mean"] - results["connections"][b]["mean"]
+            cells.append("—" if w is None else f"{diff:+.3f} (p {format_p(w)})")
+        rows.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def finite_or_none(obj: object) -> object:
@@ -449,7 +474,7 @@ def finite_or_none(obj: object) -> object:
 # ---- report -------------------------------------------------------------------------------------
 def format_multiplier(m: dict) -> str:
     if m["multiplier"] is not None:
-        return f"{m['multiplier']:.2f}×"
+        return f"{m['multiplier']:.2f}×" + (f" ({m['relative']:.2f}× rel.)" if m.get("relative") is not None else "")
     if m["lower_bound"] is not None:
         return f">{m['lower_bound']:.2f}×"
     return f"<{m['upper_bound']:.2f}×"
@@ -499,10 +524,13 @@ def markdown_report(results: dict) -> str:
              f"- Compute multiplier: steps {results['baseline']} needs to reach the connection's final mean loss "
              "(its mean curve, running minimum, interpolated) divided by the connection's steps"
              + (f", read on the baseline's {results['baseline_long']['steps']}-step runs (their own learning-rate "
-                "schedule; the baseline's own entry shows what that schedule alone gives)" if results.get("baseline_long")
+                "schedule; the baseline's own entry shows what that schedule alone gives, and \"rel.\" divides by it)"
+                if results.get("baseline_long")
                 else "") + "; "
              "> marks a lower bound (never reached), < an upper bound (reached before the first evaluation).",
              f"- tokens/s: mean over seeds of the training throughput; memory: {memory_note}.", "",
+             "Every pair: mean final loss of the row minus the column's, and the Welch p-value.", "",
+             pairwise_table(results), "",
              "Command:", "", "```", results["command"], "```", ""]
     return "\n".join(lines)
 
