@@ -29,7 +29,8 @@ def run_by_hand(model, x: torch.Tensor) -> tuple[list, list]:
         for layer, block in enumerate(model.layers):
             inputs.append(conn.block_input(state, layer))
             out = block(inputs[-1], ctx)
-            weights.append(conn.dense_weights(layer, out) if hasattr(conn, "dense_weights") else None)
+            dense = hasattr(conn, "dense_weights") and conn.plan[layer] is not None  # sparse ones skip layers
+            weights.append(conn.dense_weights(layer, out) if dense else None)
             conn.advance(state, layer, out)
     return inputs, weights
 
@@ -157,6 +158,24 @@ def test_randomized_weights_are_the_mean_of_dense_weights(connection):
         names = streams if mean.shape[0] == len(streams) else streams[-1:]
         for c, name in enumerate(names):
             assert dense["mean"][name][layer][: layer + 2] == pytest.approx(mean[c].tolist(), rel=1e-6, abs=1e-7)
+
+
+def test_sparse_weights_fill_only_the_cells_that_are_read():
+    model = build(n_layer=4, dense_sources="0,2", dense_streams="vr", dense_period=2)
+    randomize_connection(model)
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(6))
+    dense = analyze_model(model, [x], [], 2)["dense_weights"]
+    weights = run_by_hand(model, x)[1]
+    for layer, agg in enumerate(model.connection.plan):
+        names = ["r"] if layer == 3 else [n for i, n in enumerate("qkvr") if agg and i in agg.streams]
+        for stream in "qkvr":
+            row = dense["mean"][stream][layer]
+            if agg is None or stream not in names:
+                assert row == [None] * 5
+                continue
+            mean = weights[layer][..., names.index(stream), :].double().mean((0, 1)).tolist()
+            assert [row[j] for j in agg.sources] == pytest.approx(mean, rel=1e-6, abs=1e-7)
+            assert all(row[j] is None for j in range(5) if j not in agg.sources)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
