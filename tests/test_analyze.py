@@ -9,7 +9,7 @@ import torch
 
 import muddformer.data
 from muddformer import layers
-from muddformer.analyze import (analyze_model, attention_qk, bundled_validation_tokens, cut_sequences,
+from muddformer.analyze import (analyze_model, bundled_validation_tokens, cut_sequences,
                                 parse_sink_tokens)
 from muddformer.checkpoints import save_model
 from muddformer.data import export_tokenizer, load_tokenizer
@@ -112,7 +112,7 @@ def test_head_activation_counted_by_hand(monkeypatch, block):
         assert report["query_positions"][layer] == B * (T - 2)
 
 
-def test_attention_qk_is_what_the_module_attends_with():
+def test_queries_and_keys_are_what_the_module_attends_with():
     model = build(connection="mudd", attn_impl="reference")
     randomize_connection(model)
     x = torch.randint(0, 97, (2, 12))
@@ -123,7 +123,7 @@ def test_attention_qk_is_what_the_module_attends_with():
         hook.remove()
         (xq, xk, xv, ctx), out = captured[0]
         attn = model.layers[1].attention
-        q, k = attention_qk(attn, xq, xk, ctx.rope)
+        q, k = attn.queries_and_keys(xq, xk, ctx.rope)
         v = attn.wv(xv).view(2, 12, attn.n_head, attn.head_dim).transpose(1, 2)
         probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)).masked_fill(
             ~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf")), -1)

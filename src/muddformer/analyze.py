@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .layers import apply_rotary
 
 STREAMS = ("q", "k", "v", "r")
 SINGLE = "x"  # the name of the one input of a block that reads a single state
@@ -31,18 +30,6 @@ CHUNK_ELEMENTS = 1 << 22  # attention probabilities computed at once: 16 MiB of 
 
 
 # ---- measuring a model ----------------------------------------------------------------------------
-def attention_qk(attn: torch.nn.Module, xq: torch.Tensor, xk: torch.Tensor, rope: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k (B, H, T, d) as layers.Attention forms them: projection, per-head QK-norm, RoPE."""
-    B, T, _ = xq.shape
-    q = attn.wq(xq).view(B, T, attn.n_head, attn.head_dim)
-    k = attn.wk(xk).view(B, T, attn.n_head, attn.head_dim)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rotary(q, rope, attn.rotary_dim), apply_rotary(k, rope, attn.rotary_dim)
-    return q.transpose(1, 2), k.transpose(1, 2)
-
-
 def causal_probs(q: torch.Tensor, k: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) with the causal mask, float32, for query rows [start, stop): (B, H, rows, T)."""
     scores = (q[:, :, start:stop].float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -156,7 +143,7 @@ class _Recorder:
     def _attention_pre(self, layer: int):
         def hook(module, args):
             xq, xk, _, ctx = args
-            q, k = attention_qk(module, xq, xk, ctx.rope)
+            q, k = module.queries_and_keys(xq, xk, ctx.rope)
             is_sink = sink_mask(self.tokens, self.sink_ids, self.sink_positions)
             active, counted = head_activity(q, k, is_sink, self.sink_positions)
             self.active[layer] += active.cpu()

@@ -24,7 +24,7 @@ TABLE_DTYPES = ("float32", "bfloat16", "float16")
 INIT_METHODS = ("normal", "xavier")
 ATTN_IMPLS = ("sdpa", "reference")
 DENSE_FAMILY = ("mudd", "ddformer", "denseformer", "mudd-static")  # connections/dense.py
-MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # kernels/depth_mix.py
+MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # implemented in kernels/depth_mix.py
 
 
 def find_multiple(n: int, k: int) -> int:

@@ -122,15 +122,20 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        B, T, D = xq.shape
+    def queries_and_keys(self, xq: torch.Tensor, xk: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k (B, H, T, head_dim) as attention uses them: projection, per-head QK-norm, RoPE."""
+        B, T, _ = xq.shape
         q = self.wq(xq).view(B, T, self.n_head, self.head_dim)
         k = self.wk(xk).view(B, T, self.n_head, self.head_dim)
-        v = self.wv(xv).view(B, T, self.n_head, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, ctx.rope, self.rotary_dim), apply_rotary(k, ctx.rope, self.rotary_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, rope, self.rotary_dim), apply_rotary(k, rope, self.rotary_dim)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
+    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, D = xq.shape
+        q, k = self.queries_and_keys(xq, xk, ctx.rope)
+        v = self.wv(xv).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx)
         if self.attn_impl == "reference":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import CONNECTIONS, MuddConfig
+from ..config import CONNECTIONS, DENSE_FAMILY, MuddConfig
 from .attn_residual import AttentionResidualConnection, BlockAttentionResidualConnection
 from .base import Connection, DepthState
 from .dense import (DDFormerConnection, DenseConnection, DenseFormerConnection, MuddConnection,
@@ -22,6 +22,8 @@ REGISTRY: dict[str, type[Connection]] = {
     "attnres-block": BlockAttentionResidualConnection,
 }
 assert set(REGISTRY) == set(CONNECTIONS), "config.CONNECTIONS and the registry must name the same variants"
+assert {name for name, cls in REGISTRY.items() if issubclass(cls, DenseConnection)} == set(DENSE_FAMILY), \
+    "config.DENSE_FAMILY (which the sparse options apply to) must name the DenseConnection variants"
 
 
 def build_connection(cfg: MuddConfig) -> Connection:

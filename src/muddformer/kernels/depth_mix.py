@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-IMPLS = ("auto", "reference", "matmul", "triton", "compiled")
+from ..config import MIX_IMPLS as IMPLS
 
 
 def _check(n_states: int, weights: torch.Tensor) -> None:
