@@ -21,6 +21,16 @@ FIXTURE_TOL = {"mf_tiny": 2e-5, "mp_tiny": 1e-5}
 DENSE_CONNECTIONS = ["residual", "mudd", "ddformer", "denseformer", "mudd-static"]  # residual and the dense family
 RIVAL_CONNECTIONS = ["hc", "mhc", "attnres", "attnres-block"]  # act around each sub-layer (connections/hyper.py, attn_residual.py)
 ALL_CONNECTIONS = DENSE_CONNECTIONS + RIVAL_CONNECTIONS
+# Modules whose tests call dependencies' APIs that drift between releases (transformers, generation, lm-eval,
+# safetensors, tokenizers, triton, parity): marked `upstream`, run by `make test-latest` and `make test-oldest`.
+UPSTREAM_MODULES = {"test_dependencies", "test_hf_eval", "test_generation", "test_parity", "test_refusals", "test_data",
+                    "test_triton_kernel"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in UPSTREAM_MODULES:
+            item.add_marker(pytest.mark.upstream)
 
 
 @pytest.fixture(scope="session")

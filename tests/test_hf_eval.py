@@ -11,7 +11,8 @@ from muddformer import MuddConfig, MuddForCausalLM, MuddModel
 from muddformer.data import bundled_split, export_tokenizer, load_tokenizer
 from muddformer.eval_tasks import LOCAL_TASK, local_task_items, local_tasks_dir
 from muddformer.generation import generate
-from muddformer.hf import MuddHFConfig, MuddPythiaForCausalLM
+from muddformer.errors import DependencyError
+from muddformer.hf import CACHE_NAME, MuddHFConfig, MuddPythiaForCausalLM
 from muddformer.model import next_token_loss
 
 from conftest import FIXTURE_NAMES, FIXTURE_TOL, assert_one_line_error, randomize_connection
@@ -49,23 +50,80 @@ def test_auto_classes_round_trip_our_folder(model_dir):
     assert torch.allclose(out.loss, next_token_loss(out.logits[:, :-1], ids[:, 1:]))
 
 
-def test_hf_generate_matches_ours_greedy_padded_and_sampled(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+def left_padded_batch(model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     tok.pad_token = tok.eos_token
     prompts = ["O Romeo, Romeo!", "Now is the winter of our discontent made glorious summer"]
-    batch = tok(prompts, return_tensors="pt", padding=True)
-    hf = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    for row, prompt in enumerate(prompts):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        ours = generate(model.model, ids, 8)
-        assert hf[row, -8:].tolist() == ours[0, ids.shape[1]:].tolist()
+    return tok, tok(prompts, return_tensors="pt", padding=True)
+
+
+SAMPLING = [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(do_sample=True, temperature=0.8, top_k=50),
+            dict(do_sample=True, top_p=0.9), dict(do_sample=False, repetition_penalty=1.3)]
+
+
+@pytest.mark.parametrize("options", SAMPLING, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_hf_generate_equals_ours_token_for_token(model_dir, options):
+    # A left-padded batch through transformers' GenerationMixin and through our own decoder, with the same
+    # global RNG state for sampling: the same tokens, whatever name transformers gives the KV cache.
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok, batch = left_padded_batch(model_dir)
     torch.manual_seed(7)
-    a = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=tok.pad_token_id)
+    # top_k=None: transformers' generation config would otherwise apply its default top-k of 50
+    hf = model.generate(**batch, max_new_tokens=12, pad_token_id=tok.pad_token_id, **{"top_k": None, **options})
     torch.manual_seed(7)
-    b = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=tok.pad_token_id)
-    assert torch.equal(a, b)
+    ours = generate(model.model, batch.input_ids, 12, attention_mask=batch.attention_mask, **options)
+    assert hf.tolist() == ours.tolist()
+    if options["do_sample"]:  # the RNG matters: another seed gives other tokens
+        torch.manual_seed(8)
+        assert generate(model.model, batch.input_ids, 12, attention_mask=batch.attention_mask, **options).tolist() \
+            != ours.tolist()
+
+
+def test_hf_generate_carries_the_cache_from_step_to_step(model_dir):
+    # If the cache were ever dropped (as when transformers renamed it), each decode step would see only its
+    # own token: the cache must grow by exactly one position per step, and every step's logits must equal the
+    # full forward's at that position.
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    seen = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # none before the prompt in older releases
+        seen.append((kwargs["input_ids"].shape[1], 0 if cache is None else cache.get_seq_length()))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    prompt = torch.tensor([[5, 17, 99, 3, 250, 41, 7]])
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    handle.remove()
+    P = prompt.shape[1]
+    assert seen == [(P, 0)] + [(1, P + i) for i in range(5)]
+    with torch.no_grad():
+        full = model(out.sequences).logits[0]
+    for i, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0], full[P - 1 + i], atol=2e-5, rtol=1e-5)
+
+
+def test_hf_forward_and_generate_print_no_deprecation_warning(model_dir, caplog, recwarn):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers").warning_once.cache_clear()  # warnings shown once per process
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[5, 17, 99]])
+    with caplog.at_level("WARNING"):
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            model(ids[:, -1:], **{CACHE_NAME: getattr(out, CACHE_NAME)})
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    messages = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "deprecat" in m.lower()], messages
+
+
+def test_forward_refuses_a_cache_under_a_name_it_does_not_read(model_dir):
+    from transformers import DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(DependencyError, match="KV cache as 'cache_params'"):
+        model(torch.tensor([[5, 17]]), cache_params=DynamicCache(config=model.config))
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -155,7 +213,6 @@ def choice_loglikelihood(model, tok, context: str, choice: str) -> float:
 
 
 def test_lm_eval_on_the_local_task_equals_our_own_scoring(model_dir, tmp_path, run_cli):
-    pytest.importorskip("lm_eval")
     out = tmp_path / "results.json"
     proc = run_cli("eval", model_dir, "--tasks", LOCAL_TASK, "--limit", 24, "--batch-size", 4, "--output", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -171,7 +228,6 @@ def test_lm_eval_on_the_local_task_equals_our_own_scoring(model_dir, tmp_path, r
 
 
 def test_lm_eval_refusals(model_dir, tmp_path, run_cli):
-    pytest.importorskip("lm_eval")
     assert_one_line_error(run_cli("eval", model_dir, "--tasks", "shakespeare_next_lin"), "unknown lm-eval task",
                           LOCAL_TASK)
     assert_one_line_error(run_cli("eval", model_dir, "--tasks", LOCAL_TASK, "--include-path", tmp_path / "nope"),

@@ -15,3 +15,7 @@ class CheckpointError(MuddError):
 
 class InputError(MuddError):
     """Model inputs out of range: token ids >= vocab_size, sequences longer than the context."""
+
+
+class DependencyError(MuddError):
+    """An installed dependency whose API differs from every version muddformer knows how to speak."""

@@ -17,13 +17,16 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynam
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import checkpoints
+from .compat import is_cache_object, transformers_cache_name
 from .config import MuddConfig
-from .errors import InputError
+from .errors import DependencyError, InputError
 from .model import MuddModel
 
 # transformers' generic names for our sizes (used by its caches and utilities).
 _ATTRIBUTE_MAP = {"num_hidden_layers": "n_layer", "hidden_size": "dim", "num_attention_heads": "n_head",
                   "max_position_embeddings": "block_size"}
+# The name the installed transformers uses for the KV cache in forward's arguments and in its outputs.
+CACHE_NAME = transformers_cache_name()
 
 
 class MuddHFConfig(PreTrainedConfig):
@@ -52,7 +55,8 @@ class MuddPythiaHFConfig(MuddHFConfig):
 
 class MuddForCausalLM(PreTrainedModel, GenerationMixin):
     """Causal LM of the MUDD family with the transformers conventions: labels -> loss, attention_mask,
-    past_key_values and `generate` (GenerationMixin: greedy, sampling, beams, streamers)."""
+    a KV cache (`cache` or `past_key_values`) and `generate` (GenerationMixin: greedy, sampling, beams,
+    streamers)."""
 
     config_class = MuddHFConfig
     base_model_prefix = "model"
@@ -82,22 +86,34 @@ class MuddForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.output
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = None,
+                position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool | None = None,
                 labels: torch.Tensor | None = None, cache_position: torch.Tensor | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+                logits_to_keep: int | torch.Tensor = 0, past_key_values: Any = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        """transformers' causal-LM forward. The KV cache comes as `cache` (transformers >= 5.24) or
+        `past_key_values` (earlier releases and older callers) and goes back under the name the
+        installed release reads (CACHE_NAME)."""
         if attention_mask is not None and attention_mask.dim() != 2:
             raise InputError(f"attention_mask must be (batch, seq_len) of 1 (token) and 0 (padding), got shape "
                              f"{tuple(attention_mask.shape)}")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if attention_mask is not None and past_key_values is None and bool(attention_mask.all()):
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise InputError("got two KV caches, `cache` and `past_key_values`; pass one of them")
+        cache = cache if cache is not None else past_key_values
+        unread = [name for name, value in kwargs.items() if is_cache_object(value)]
+        if unread:  # a cache under a name we do not read would be dropped: every step would decode without context
+            raise DependencyError(f"forward received a KV cache as {unread[0]!r}, a name muddformer does not read; "
+                                  f"pass it as `cache` or `past_key_values`, or install the tested transformers "
+                                  f"(`make install`)")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if attention_mask is not None and cache is None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the plain causal path
         out = self.model(input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=past_key_values, cache_position=cache_position)
+                         cache=cache, cache_position=cache_position)
         logits = out.logits
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(loss=out.loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=out.loss, logits=logits, **{CACHE_NAME: cache})
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *args: Any, torch_dtype: Any = None, dtype: Any = None,

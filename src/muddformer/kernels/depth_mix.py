@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..compat import dynamo_recompile_limit
 from ..config import MIX_IMPLS as IMPLS
 
 
@@ -53,7 +54,7 @@ def depth_mix_compiled(states: Sequence[torch.Tensor], weights: torch.Tensor) ->
     if _compiled_mix is None:
         _compiled_mix = torch.compile(depth_mix_reference)
     # One graph per number of states: a deep model needs more graphs than dynamo's default limit of 8.
-    with torch._dynamo.config.patch(recompile_limit=max(64, 2 * len(states))):
+    with dynamo_recompile_limit(max(64, 2 * len(states))):
         return _compiled_mix(states, weights)
 
 
