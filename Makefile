@@ -3,6 +3,7 @@
 #   make lock                      re-resolve requirements.lock from pyproject.toml (newest versions its ranges allow)
 #   make test-latest               a fresh venv with the newest versions the ranges allow; the upstream-API tests
 #   make test-oldest               a fresh venv with the oldest versions the ranges allow; the upstream-API tests
+#   make test-transformers         the upstream-API tests under each of TRANSFORMERS_VERSIONS, the rest as locked
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -19,7 +20,7 @@ TOOLS = .venv-tools
 UPSTREAM_TESTS = $(BIN)/python -m pytest tests -q -m upstream
 SHOW_VERSIONS = $(BIN)/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|tokenizers|safetensors|lm.eval|huggingface.hub|accelerate|numpy|triton)=='
 
-.PHONY: install test train lock test-latest test-oldest clean
+.PHONY: install test train lock test-latest test-oldest test-transformers clean
 
 install: $(VENV)/.installed
 
@@ -73,5 +74,17 @@ test-oldest: requirements-oldest.txt
 	$(SHOW_VERSIONS)
 	$(UPSTREAM_TESTS)
 
+# The first and last 5.x releases we know, the last one before the cache was renamed, and one between.
+TRANSFORMERS_VERSIONS ?= 5.0.0 5.12.1 5.23.0 5.24.0
+test-transformers: VENV = .venv-transformers
+test-transformers:
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(PIP_TORCH_SOURCE) -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	for version in $(TRANSFORMERS_VERSIONS); do \
+	    $(BIN)/python -m pip install -q "transformers==$$version" && $(SHOW_VERSIONS) && $(UPSTREAM_TESTS) || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest $(TOOLS) requirements-oldest.txt build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-transformers $(TOOLS) requirements-oldest.txt build *.egg-info src/*.egg-info .pytest_cache
