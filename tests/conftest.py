@@ -143,7 +143,9 @@ def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
         if cfg.connection in ("mudd", "ddformer"):  # the dynamic ones
             gen = conn.dynamic_dense[str(layer)]
             normed = gen.norm(out) if prepost else out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
-            flat = F.gelu(normed @ gen.w1.weight.T) @ gen.w2.weight.T
+            flat = (F.gelu(normed @ gen.w1.weight.T) @ gen.w2.weight.T) * cfg.dense_gen_scale
+            if cfg.dense_cap:
+                flat = cfg.dense_cap * torch.tanh(flat / cfg.dense_cap)
             weights = weights + flat.unflatten(-1, (len(streams), len(sources))).movedim(-2, 0)
         states = torch.stack([stored[j] for j in sources])  # (n, B, T, D)
         mixed = {s: torch.einsum("btj,jbtd->btd", weights[c].expand(*out.shape[:2], -1), states)

@@ -24,6 +24,7 @@ TABLE_DTYPES = ("float32", "bfloat16", "float16")
 INIT_METHODS = ("normal", "xavier")
 ATTN_IMPLS = ("sdpa", "reference")
 DENSE_FAMILY = ("mudd", "ddformer", "denseformer", "mudd-static")  # connections/dense.py
+DYNAMIC_DENSE = ("mudd", "ddformer")  # the dense connections with a weight generator
 MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # implemented in kernels/depth_mix.py
 
 
@@ -58,6 +59,9 @@ class MuddConfig:
     dense_round64: bool = True  # dense-connection generator width rounded up to the next 64-block
     dense_expand_last: bool = True  # last generator 4x wider
     dense_norm: str = "none"  # "prepost": PrePostDANorm of paper Eq. 10
+    # Stability controls of the dynamic weights (mudd, ddformer); both leave a fresh model unchanged.
+    dense_cap: float = 0.0  # tanh soft cap: dynamic weights w -> cap * tanh(w / cap); 0 = off (the MUDD authors' mudd_cap)
+    dense_gen_scale: float = 1.0  # fixed multiplier on the generator's output, the dynamic part of the weights
     rope_table_dtype: str = "float32"  # rounding of the cos/sin table; published models use 16-bit
     attn_impl: str = "sdpa"  # "reference": the published code's explicit softmax, bit-exact in bfloat16
     mix_impl: str = "auto"  # depth mix: "reference" loop (bit-exact in bfloat16), "matmul", "triton", "compiled"; auto picks
@@ -145,6 +149,13 @@ class MuddConfig:
     def _validate_sparse(self) -> None:
         if self.dense_hidden < 0:
             raise ConfigError(f"MuddConfig.dense_hidden must be >= 0 (0: the paper's width rule), got {self.dense_hidden}")
+        if not self.dense_cap >= 0:
+            raise ConfigError(f"MuddConfig.dense_cap must be >= 0 (0: no cap), got {self.dense_cap}")
+        if not self.dense_gen_scale > 0:
+            raise ConfigError(f"MuddConfig.dense_gen_scale must be positive (1: unscaled), got {self.dense_gen_scale}")
+        if (self.dense_cap, self.dense_gen_scale) != (0.0, 1.0) and self.connection not in DYNAMIC_DENSE:
+            raise ConfigError(f"dense_cap and dense_gen_scale act on dynamic dense weights ({', '.join(DYNAMIC_DENSE)}), "
+                              f"not connection={self.connection!r}; drop them or pick one of those")
         L = self.n_layer
         for layer in [] if self.dense_layers == "all" else _int_list(self.dense_layers, "dense_layers"):
             if not -L <= layer < L:
@@ -321,6 +332,8 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
         problems.append("sparse dense_* options (the reference connects every layer to every state)")
     if cfg.dense_norm != "none":
         problems.append(f"dense_norm={cfg.dense_norm!r} (the reference has no PrePostDANorm)")
+    if (cfg.dense_cap, cfg.dense_gen_scale) != (0.0, 1.0):
+        problems.append("dense_cap / dense_gen_scale (the reference uses the raw generator output)")
     if cfg.block == "llama" and cfg.rotary_pct != 1.0:
         problems.append("partial rotary on the llama block (the reference rotates the full head)")
     if cfg.tie_word_embeddings:

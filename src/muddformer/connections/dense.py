@@ -117,6 +117,7 @@ class DenseConnection(Connection):
             self.pre_norms = nn.ModuleList(RMSNorm(cfg.dim, cfg.norm_eps) for _ in range(L + 1))
             self.post_norms = nn.ModuleList(RMSNorm(cfg.dim, cfg.norm_eps) for _ in range(L))
         self.dim = cfg.dim
+        self.cap, self.gen_scale = cfg.dense_cap, cfg.dense_gen_scale
         self.mix_impl = cfg.mix_impl
         self.recompute = cfg.recompute_mix
         self.reset_parameters()
@@ -169,7 +170,12 @@ class DenseConnection(Connection):
         if not self.dynamic:
             return bias[None, None]
         B, T, _ = out.shape
-        return self.dynamic_dense[str(layer)](out).view(B, T, *bias.shape) + bias
+        dynamic = self.dynamic_dense[str(layer)](out)
+        if self.gen_scale != 1.0:
+            dynamic = dynamic * self.gen_scale
+        if self.cap:  # soft cap: near-identity for small weights, bounded by +-cap
+            dynamic = self.cap * torch.tanh(dynamic / self.cap)
+        return dynamic.view(B, T, *bias.shape) + bias
 
     def advance(self, state: DepthState, layer: int, out: torch.Tensor) -> None:
         stored = self.store(state, self.pre_norms[layer + 1](out) if self.prepost else out)

@@ -1,0 +1,70 @@
+"""Stability controls of the dynamic dense weights: the tanh cap and the generator output scale."""
+
+import pytest
+import torch
+
+from muddformer import copy_shared_weights
+from muddformer.config import config_to_published
+from muddformer.errors import ConfigError
+
+from conftest import build, explicit_dense_forward, randomize_connection
+
+CONTROLS = [dict(dense_cap=2.0), dict(dense_gen_scale=0.25), dict(dense_cap=0.5, dense_gen_scale=4.0)]
+
+
+def ids(seed=3):
+    return torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("options", CONTROLS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("connection", ["mudd", "ddformer"])
+def test_a_fresh_model_with_controls_is_the_residual_model(options, connection):
+    residual = build(seed=5, n_layer=4, connection="residual")
+    model = build(seed=6, n_layer=4, connection=connection, **options)
+    copy_shared_weights(residual, model)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, residual(x).logits)
+
+
+@pytest.mark.parametrize("options", CONTROLS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("connection, dense_norm", [("mudd", "none"), ("mudd", "prepost"), ("ddformer", "none")])
+def test_controls_match_the_explicit_formula(options, connection, dense_norm):
+    model = build(n_layer=4, connection=connection, dense_norm=dense_norm, **options)
+    randomize_connection(model, scale=1.0)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, explicit_dense_forward(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_cap_bounds_the_dynamic_weights_and_scale_multiplies_them():
+    plain = build(n_layer=3)
+    randomize_connection(plain, scale=30.0)  # a blown-up generator
+    capped = build(n_layer=3, dense_cap=1.5)
+    scaled = build(n_layer=3, dense_gen_scale=0.1)
+    capped.load_state_dict(plain.state_dict())
+    scaled.load_state_dict(plain.state_dict())
+    out = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        prior = plain.connection.dense_bs["0"]
+        raw = plain.connection.dense_weights(0, out) - prior
+        assert raw.abs().max() > 10
+        torch.testing.assert_close(capped.connection.dense_weights(0, out) - prior, 1.5 * torch.tanh(raw / 1.5))
+        assert (capped.connection.dense_weights(0, out) - prior).abs().max() <= 1.5
+        torch.testing.assert_close(scaled.connection.dense_weights(0, out) - prior, 0.1 * raw)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(dense_cap=-1.0), "dense_cap must be >= 0"),
+    (dict(dense_gen_scale=0.0), "dense_gen_scale must be positive"),
+    (dict(dense_cap=2.0, connection="denseformer"), "act on dynamic dense weights"),
+    (dict(dense_gen_scale=0.5, connection="residual"), "act on dynamic dense weights"),
+])
+def test_control_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build(**options)
+
+
+def test_controls_cannot_be_written_in_the_published_format():
+    with pytest.raises(ConfigError, match="dense_cap / dense_gen_scale"):
+        config_to_published(build(dense_cap=10.0).config)
