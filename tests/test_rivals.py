@@ -9,7 +9,7 @@ from muddformer.connections.hyper import sinkhorn
 from muddformer.kv_cache import KVCache, StaticKVCache
 from muddformer.layers import AttentionContext
 from muddformer.parallel import apply_activation_checkpointing
-from muddformer.train import param_groups
+from muddformer.recipes import get_recipe, param_groups
 
 from conftest import RIVAL_CONNECTIONS, build, randomize_connection
 
@@ -311,10 +311,12 @@ def test_no_scalar_parameters(connection):
                                                 ("mhc", {"bias_pre", "bias_post", "bias_res"})])
 def test_static_priors_are_not_weight_decayed(connection, priors):
     model = build(connection=connection)
-    decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)].rsplit(".", 1)[-1] for p in decay["params"] if names[id(p)].startswith("connection.")}
-    kept = {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"] if names[id(p)].startswith("connection.")}
+    groups = param_groups(model, get_recipe("cpu"))
+    decayed = {names[id(p)].rsplit(".", 1)[-1] for g in groups if g["weight_decay"] > 0 for p in g["params"]
+               if names[id(p)].startswith("connection.")}
+    kept = {names[id(p)].rsplit(".", 1)[-1] for g in groups if g["weight_decay"] == 0 for p in g["params"]
+            if names[id(p)].startswith("connection.")}
     assert priors <= kept and not priors & decayed
     assert decayed == ({"dynamic_alpha"} if connection == "hc" else {"projection"})
 

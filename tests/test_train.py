@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from muddformer import MuddForCausalLM
-from muddformer.train import TrainConfig, lr_at, param_groups, train
+from muddformer.recipes import get_recipe, param_groups
+from muddformer.train import TrainConfig, lr_at, train
 from muddformer import MuddModel, MuddConfig
 
 SMALL = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--eval-windows", "8", "--sample-tokens", "8",
@@ -144,19 +145,20 @@ def test_config_file_overrides_and_empty_data(play_data, tmp_path):
 
 
 def test_recipe_schedule_and_weight_decay_groups():
-    tc = TrainConfig(max_steps=1000, lr=1e-3)
+    tc, _ = TrainConfig(max_steps=1000, lr=1e-3).resolved()
     assert lr_at(0, tc) == pytest.approx(1e-4)  # warmup: 10 steps
     assert lr_at(9, tc) == pytest.approx(1e-3)
     assert lr_at(999, tc) == pytest.approx(1e-4, rel=1e-3)  # cosine to 10 %
     assert lr_at(505, tc) == pytest.approx(0.55e-3, rel=1e-2)
     model = MuddModel(MuddConfig.from_preset("nano"))
-    decay, no_decay = param_groups(model, 0.1)
+    groups = {g["name"]: g for g in param_groups(model, get_recipe("cpu"))}
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.dim() == 2 for p in decay["params"])
-    assert "connection.dynamic_dense.0.w1.weight" in {names[id(p)] for p in decay["params"]}
-    assert "connection.dense_bs.0" in {names[id(p)] for p in no_decay["params"]}
-    assert TrainConfig(preset="muddformer-405m").resolved_lr() == 3e-4
-    assert TrainConfig(preset="tiny").resolved_lr() == 3e-3
+    assert all(p.dim() == 2 for p in groups["matrices"]["params"]) and groups["matrices"]["weight_decay"] == 0.1
+    assert "connection.dynamic_dense.0.w1.weight" in {names[id(p)] for p in groups["generator_matrices"]["params"]}
+    assert "connection.dense_bs.0" in {names[id(p)] for p in groups["priors"]["params"]}
+    assert groups["priors"]["weight_decay"] == groups["vectors"]["weight_decay"] == 0.0
+    assert TrainConfig(preset="muddformer-405m").resolved()[0].lr == 3e-4
+    assert TrainConfig(preset="tiny").resolved()[0].lr == 3e-3
 
 
 @pytest.mark.parametrize("option", [dict(activation_checkpointing=True), dict(grad_accum=2, batch_size=2),

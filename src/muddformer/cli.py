@@ -1,4 +1,4 @@
-"""The `mudd` command: `mudd info`, `mudd presets`, `mudd convert`."""
+"""The `mudd` command: `mudd info`, `mudd presets`, `mudd recipes`, `mudd convert`, and the lazily imported ones."""
 
 from __future__ import annotations
 
@@ -66,6 +66,26 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .presets import PRESET_RECIPES
+    from .recipes import RECIPES
+
+    if args.json:
+        print(json.dumps({name: dataclasses.asdict(r) for name, r in RECIPES.items()}, indent=2))
+        return 0
+    for name, r in RECIPES.items():
+        presets = [p for p, recipe in PRESET_RECIPES.items() if recipe == name]
+        print(f"{name:<24} lr={r.lr:<8g} warmup={r.warmup:g} {r.schedule} to {r.min_lr_ratio:g}x  "
+              f"betas=({r.beta1:g}, {r.beta2:g}) wd={r.weight_decay:g} clip={r.grad_clip:g} "
+              f"batch={r.batch_size}x{r.seq_len or 'auto'} {r.dtype} generator lr x{r.generator_lr_mult:g}")
+        print(f"{'':<24} follows: {r.follows}")
+        print(f"{'':<24} default of: {', '.join(presets) or '-'}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import checkpoints
 
@@ -96,6 +116,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("presets", help="list the named configurations")
     p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("recipes", help="list the training recipes and the presets they are the default of")
+    p.add_argument("--json", action="store_true", help="print every field as JSON")
+    p.set_defaults(func=cmd_recipes)
     p = sub.add_parser("convert", help="rewrite a model folder in our format or the published one")
     p.add_argument("src", help="model folder to read (ours or published)")
     p.add_argument("dst", help="folder to write")

@@ -296,7 +296,7 @@ def preflight(cc: CompareConfig, data: str) -> None:
 
     tokens = TokenData(data)
     for connection in cc.connections:
-        tc = train_config(cc, connection, cc.seeds[0], data, Path("."), progress=False)
+        tc = train_config(cc, connection, cc.seeds[0], data, Path("."), progress=False).resolved()[0]
         validate(tc, model_config(tc), tokens)
 
 

@@ -1,6 +1,7 @@
 """Named configurations: the published checkpoints, the paper's scaling sizes, small CPU models.
 
 Each preset is a dict of MuddConfig fields; fields it leaves out take the block family's defaults.
+Each names its default training recipe in PRESET_RECIPES (recipes.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                         bos_token_id=0, eos_token_id=0, **_TFMPP),
 }
 
-# The paper's scaling sizes (spec §5, Table 2); DeepNarrow MUDD runs use PrePostDANorm (spec §2.8).
+# The paper's scaling sizes (spec §5, Table 2). MUDD uses PrePostDANorm: the official training
+# configuration of the 405M model (MaxText exp.py MUDDLlama2Medium: mudd_prenorm, mudd_postnorm) and
+# the paper's DeepNarrow runs (spec §2.8, §8).
 _SCALING = {
     "405m": dict(n_layer=24, dim=1024, n_head=16),
     "834m": dict(n_layer=24, dim=1536, n_head=24),
@@ -39,8 +42,8 @@ _SCALING = {
 }
 for _size, _shape in _SCALING.items():
     PRESETS[f"tfm++-{_size}"] = dict(_PILE, block="llama", **_shape, **_TFMPP)
-    _extra = dict(dense_norm="prepost") if _size.startswith("deepnarrow") else {}
-    PRESETS[f"muddformer-{_size}"] = dict(_PILE, block="llama", use_qk_norm=False, **_shape, **_MUDD, **_extra)
+    PRESETS[f"muddformer-{_size}"] = dict(_PILE, block="llama", use_qk_norm=False, **_shape, **_MUDD,
+                                          dense_norm="prepost")
 
 # Small models for CPU work (8k vocabulary) and tests.
 _CPU = {
@@ -70,3 +73,17 @@ PRESETS["muddformer-trimmed-405m"] = dict(_PILE, block="llama", use_qk_norm=Fals
                                           ffn_schedule="constant", **trimmed_mudd(_SCALING["405m"]["n_layer"]))
 PRESETS["muddpythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_MUDD)
 PRESETS["pythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_TFMPP)
+
+
+def _recipe_of(preset: str) -> str:
+    if preset in ("muddformer-2.8b", "tfm++-2.8b"):
+        return "muddformer-2.8b"
+    for size in ("1.4b", "2.8b"):
+        if preset.endswith("pythia-" + size):  # pythia-* and muddpythia-*
+            return "pythia-" + size
+    size = next((size for size in _SCALING if preset.endswith("-" + size)), None)
+    return f"paper-{size}" if size else "cpu"
+
+
+# Every preset's default recipe: the paper's for its size, the released models' own, "cpu" for the small ones.
+PRESET_RECIPES: dict[str, str] = {name: _recipe_of(name) for name in PRESETS}

@@ -3,9 +3,9 @@
     mudd train --preset tiny --max-steps 30                      # bundled corpus, CPU
     torchrun --nproc_per_node=8 -m muddformer.train --preset muddformer-405m --data DIR --parallel fsdp
 
-The paper's recipe by default (spec §5): AdamW beta=(0.9, 0.95), weight decay 0.1 on matrices,
-gradient clipping 1.0, 1 % linear warmup, cosine decay to 10 % of the peak learning rate.
-Re-running the same command resumes from the newest readable checkpoint in --out.
+How it trains comes from a recipe (recipes.py): the preset's default, or --recipe NAME, with any of
+its fields overridden by a flag. Re-running the same command resumes from the newest readable
+checkpoint in --out.
 """
 
 from __future__ import annotations
@@ -26,19 +26,17 @@ import torch
 
 from . import __version__
 from .checkpoints import atomic_path, write_json_atomic
-from .config import MuddConfig
+from .config import CONNECTIONS, MuddConfig
 from .data import DataError, TokenData, bundled_data_dir, eval_windows, iter_eval_batches, load_tokenizer, sample_batch
 from .errors import ConfigError, MuddError
 from .model import MuddModel, count_parameters, next_token_loss
+from .presets import PRESET_RECIPES
+from .recipes import OVERRIDABLE, PRECISIONS, SCHEDULES, Recipe, get_recipe, gradient_accumulation, param_groups
 from .parallel import DistInfo, all_reduce_mean, close_distributed, init_distributed, parallelize
 from .plotting import pyplot, save_png
 from .run_checkpoints import list_checkpoints, resume_latest, save_checkpoint
+from .telemetry import SpikeWatch, group_grad_norms
 
-# Peak learning rates of the paper (spec §5) and of the Pythia recipe; small CPU models train faster higher.
-DEFAULT_LR = {"405m": 3e-4, "834m": 2.5e-4, "1.4b": 2e-4, "deepnarrow-797m": 2.5e-4, "deepnarrow-1.34b": 2e-4,
-              "muddformer-2.8b": 3.2e-4, "tfm++-2.8b": 3.2e-4, "pythia-1.4b": 2e-4, "muddpythia-1.4b": 2e-4,
-              "pythia-2.8b": 1.6e-4, "muddpythia-2.8b": 1.6e-4}
-CPU_LR = 3e-3
 # Dense bf16 tensor-core peak per GPU: MFU is reported against it (also for float32 runs).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
@@ -58,16 +56,27 @@ class TrainConfig:
     data: str | None = None
     out: str | None = None
     max_steps: int = 450
-    batch_size: int = 8
+    grad_accum: int | None = None  # None: from the recipe's global batch (1 without one)
+    # How it trains: the recipe (default: the preset's) and overrides of its fields (None: the recipe's).
+    recipe: str | None = None
+    batch_size: int | None = None
+    global_batch: int | None = None
     seq_len: int | None = None
-    grad_accum: int = 1
     lr: float | None = None
-    min_lr_ratio: float = 0.1
-    warmup: float = 0.01
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    warmup: float | None = None
+    schedule: str | None = None
+    min_lr_ratio: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    dtype: str | None = None
+    generator_lr_mult: float | None = None
+    generator_beta1: float | None = None
+    generator_beta2: float | None = None
+    generator_weight_decay: float | None = None
+    prior_lr_mult: float | None = None
     eval_every: int = 50
     eval_windows: int = 64
     save_every: int = 50
@@ -75,7 +84,6 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     compile: bool = False
-    dtype: str = "float32"
     activation_checkpointing: bool = False
     parallel: str = "none"
     device: str = "auto"
@@ -83,14 +91,13 @@ class TrainConfig:
     sample_prompt: str = "ROMEO:\n"
     tensorboard: bool = True
     progress: bool = True
+    telemetry: bool = True  # dense-weight statistics and per-group gradient norms at each log step
 
-    def resolved_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        for key, lr in DEFAULT_LR.items():
-            if self.preset == key or self.preset.endswith("-" + key):
-                return lr
-        return CPU_LR
+    def resolved(self) -> tuple["TrainConfig", Recipe]:
+        """The recipe with this config's overrides, and this config with every recipe field filled in."""
+        base = get_recipe(self.recipe or PRESET_RECIPES.get(self.preset, "cpu"))
+        recipe = base.replace(**{k: getattr(self, k) for k in OVERRIDABLE if getattr(self, k) is not None})
+        return dataclasses.replace(self, recipe=recipe.name, **{k: getattr(recipe, k) for k in OVERRIDABLE}), recipe
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -139,10 +146,8 @@ def model_config(tc: TrainConfig) -> MuddConfig:
 def validate(tc: TrainConfig, cfg: MuddConfig, data: TokenData) -> int:
     """Check options against the model and data before anything is written; returns seq_len."""
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_windows"):
-        if getattr(tc, name) <= 0:
+        if getattr(tc, name) is not None and getattr(tc, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(tc, name)}")
-    if tc.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype {tc.dtype!r} is unknown; choose float32 or bfloat16")
     if tc.parallel not in ("none", "ddp", "fsdp"):
         raise ConfigError(f"--parallel {tc.parallel!r} is unknown; choose none, ddp or fsdp")
     seq_len = tc.seq_len or min(256, cfg.block_size)
@@ -158,26 +163,18 @@ def validate(tc: TrainConfig, cfg: MuddConfig, data: TokenData) -> int:
 
 
 # ---- optimisation -------------------------------------------------------------------------------
-def param_groups(model: MuddModel, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (embeddings, projections, generator weights); none on norms, biases, static priors."""
-    decay, no_decay = [], []
-    priors = {"connection." + name for name in model.connection.static_prior_names()}  # e.g. HC's [a | R] matrices
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        static_prior = name.startswith("connection.dense_bs") or name in priors
-        (decay if p.dim() >= 2 and not static_prior else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warmup over warmup*max_steps steps, then cosine from the peak to min_lr_ratio*peak."""
-    peak = tc.resolved_lr()
+    """Linear warm-up over warmup*max_steps steps, then the schedule from the peak to min_lr_ratio*peak
+    (cosine or linear), or the peak (constant). `tc` is resolved (TrainConfig.resolved)."""
+    peak = tc.lr
     warmup = max(1, round(tc.warmup * tc.max_steps))
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, tc.max_steps - warmup)
-    return peak * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    progress = min(1.0, (step - warmup) / max(1, tc.max_steps - warmup))
+    if tc.schedule == "constant":
+        return peak
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if tc.schedule == "cosine" else 1 - progress
+    return peak * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * shape)
 
 
 def flops_per_token(cfg: MuddConfig, params: int, seq_len: int) -> float:
@@ -289,9 +286,12 @@ def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, batch_size: 
 
 def train(tc: TrainConfig) -> dict:
     """Run (or resume) training; returns the final metrics."""
+    tc, recipe = tc.resolved()
     cfg = model_config(tc)
     info = init_distributed(tc.device)
     try:
+        if tc.grad_accum is None:
+            tc = dataclasses.replace(tc, grad_accum=gradient_accumulation(recipe, info.world))
         data = TokenData(tc.data) if tc.data else TokenData(shared_bundled_data(info))
         seq_len = validate(tc, cfg, data)
         if cfg.eos_token_id is None and data.eot_id is not None:  # generation stops at the data's end-of-text
@@ -299,7 +299,7 @@ def train(tc: TrainConfig) -> dict:
         if info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use TF32 tensor cores
             torch.backends.cudnn.allow_tf32 = True
-        return _train(tc, cfg, data, seq_len, info)
+        return _train(tc, recipe, cfg, data, seq_len, info)
     finally:
         close_distributed()
 
@@ -313,7 +313,7 @@ def shared_bundled_data(info: DistInfo) -> Path:
     return folder if first else bundled_data_dir()
 
 
-def _train(tc: TrainConfig, cfg: MuddConfig, data: TokenData, seq_len: int, info: DistInfo) -> dict:
+def _train(tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, seq_len: int, info: DistInfo) -> dict:
     out = Path(tc.out or f"runs/{tc.preset}-{cfg.connection}")
     ckpt_root = out / "checkpoints"
     say = print if info.is_main else (lambda *a, **k: None)
@@ -329,15 +329,15 @@ def _train(tc: TrainConfig, cfg: MuddConfig, data: TokenData, seq_len: int, info
         return torch.autocast(info.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
 
     fused = {"fused": True} if info.device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(param_groups(core, tc.weight_decay), lr=tc.resolved_lr(),
-                                  betas=(tc.beta1, tc.beta2), eps=1e-8, **fused)
+    optimizer = torch.optim.AdamW(param_groups(core, recipe), lr=tc.lr, eps=tc.eps, **fused)
     resumed = resume_latest(ckpt_root, model, optimizer, cfg, report=say)
     start = resumed.step if resumed else 0
     if resumed:
         say(f"resuming from {resumed.folder} (step {start})")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        run_info = {"model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc), "seq_len": seq_len,
+        run_info = {"model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc),
+                    "recipe": dataclasses.asdict(recipe), "seq_len": seq_len,
                     "data": str(data.folder), "data_meta": {k: data.meta[k] for k in ("vocab_size", "source")},
                     "parameters": counts, "environment": environment(info.device, info.world)}
         write_json_atomic(str(out / "config.json"), cfg.to_dict())
@@ -359,20 +359,29 @@ def _train(tc: TrainConfig, cfg: MuddConfig, data: TokenData, seq_len: int, info
     bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=not (info.is_main and tc.progress),
                dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
+    watch = SpikeWatch()
     model.train()
     for step in range(start, tc.max_steps):
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
+        done = step + 1
+        logging = done % tc.log_every == 0 or done == tc.max_steps or done == start + 1
         loss_sum = torch.zeros((), device=info.device)
         for micro in range(tc.grad_accum):
+            # Dense-weight statistics come from the first micro-batch of a log step.
+            core.connection.telemetry = {} if logging and tc.telemetry and micro == 0 else None
             x, y = sample_batch(train_split, seq_len, tc.batch_size, tc.seed, step, info.rank, info.world, micro, tc.grad_accum)
             sync = micro == tc.grad_accum - 1 or not hasattr(model, "no_sync")
             with (nullcontext() if sync else model.no_sync()), autocast():
                 loss = next_token_loss(model(x.to(info.device)).logits, y.to(info.device)) / tc.grad_accum
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            if micro == 0:
+                dense_stats = core.connection.telemetry or {}
+        core.connection.telemetry = None
+        group_norms = group_grad_norms(optimizer) if logging and tc.telemetry else {}
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         loss_mean = all_reduce_mean(loss_sum, info)
@@ -384,10 +393,9 @@ def _train(tc: TrainConfig, cfg: MuddConfig, data: TokenData, seq_len: int, info
                                    f"{where}; lower --lr or raise --warmup")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
         window_tokens += tokens_per_step
         bar.update(1)
-        if done % tc.log_every == 0 or done == tc.max_steps or done == start + 1:
+        if logging:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed if elapsed > 0 else 0.0
             record = {"step": done, "loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item(),
@@ -396,6 +404,11 @@ def _train(tc: TrainConfig, cfg: MuddConfig, data: TokenData, seq_len: int, info
                 record["mfu"] = tps * fpt / (peak * info.world)
             if info.device.type == "cuda":
                 record["max_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 1e9
+            record.update(group_norms)
+            record.update(dense_stats)
+            warning = watch.check(done, record)
+            if warning and info.is_main:
+                bar.write(f"warning: {warning}", file=sys.stderr)
             log.log(record)
             last.update(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
@@ -452,20 +465,34 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=d.preset, help="model preset (see `mudd presets`; default tiny)")
     p.add_argument("--config", help="YAML or JSON file of MuddConfig fields overriding the preset")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override one MuddConfig field (repeatable)")
-    p.add_argument("--connection", help="override the preset's connection (residual, mudd, ddformer, denseformer, mudd-static)")
+    p.add_argument("--connection", choices=CONNECTIONS, help="override the preset's connection")
     p.add_argument("--data", help="prepared data folder (`mudd prepare`); default: the bundled Shakespeare corpus")
     p.add_argument("--out", help="run folder (default runs/PRESET-CONNECTION); re-running resumes from it")
     p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per rank per micro-batch")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default min(256, block_size))")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the paper's for its sizes, 3e-3 for CPU presets)")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final learning rate / peak (default 0.1)")
-    p.add_argument("--warmup", type=float, default=d.warmup, help="warmup share of max-steps (default 0.01)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--beta1", type=float, default=d.beta1)
-    p.add_argument("--beta2", type=float, default=d.beta2)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: those that make the "
+                                                  "recipe's --global-batch, else 1)")
+    g = p.add_argument_group("recipe", "how the run trains: a named recipe (`mudd recipes`; default: the preset's) "
+                                       "and overrides of its fields")
+    g.add_argument("--recipe", help="training recipe (default: the preset's, e.g. cpu, paper-405m)")
+    g.add_argument("--batch-size", type=int, help="sequences per rank per micro-batch")
+    g.add_argument("--global-batch", type=int, help="sequences per optimizer step over all ranks (sets --grad-accum)")
+    g.add_argument("--seq-len", type=int, help="tokens per sequence (recipe default: min(256, block_size))")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--warmup", type=float, help="linear warm-up as a share of --max-steps")
+    g.add_argument("--schedule", choices=SCHEDULES, help="decay after warm-up")
+    g.add_argument("--min-lr-ratio", type=float, help="final learning rate / peak")
+    g.add_argument("--beta1", type=float)
+    g.add_argument("--beta2", type=float)
+    g.add_argument("--eps", type=float, help="AdamW epsilon")
+    g.add_argument("--weight-decay", type=float, help="on matrices (norms, biases and static priors never)")
+    g.add_argument("--grad-clip", type=float, help="global gradient-norm clip (0: off)")
+    g.add_argument("--dtype", choices=PRECISIONS, help="compute dtype (bfloat16: autocast / FSDP mixed precision)")
+    g.add_argument("--generator-lr-mult", type=float,
+                   help="learning-rate multiplier of the connection's own parameters (MUDD's weight generators, ...)")
+    g.add_argument("--generator-beta1", type=float, help="their AdamW beta1 (default: --beta1)")
+    g.add_argument("--generator-beta2", type=float, help="their AdamW beta2 (default: --beta2)")
+    g.add_argument("--generator-weight-decay", type=float, help="their weight decay on matrices (default: --weight-decay)")
+    g.add_argument("--prior-lr-mult", type=float, help="learning-rate multiplier of the static priors (MUDD's dense_bs, ...)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation sequences per evaluation")
     p.add_argument("--save-every", type=int, default=d.save_every)
@@ -473,7 +500,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype, help="compute dtype (bfloat16: autocast / FSDP mixed precision)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=d.parallel, help="data parallelism under torchrun")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
@@ -481,6 +507,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-prompt", default=d.sample_prompt)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-telemetry", dest="telemetry", action="store_false",
+                   help="log no dense-weight statistics or per-group gradient norms")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -41,6 +41,19 @@ class Connection(nn.Module):
     def __init__(self, cfg: MuddConfig):
         super().__init__()
         self.n_layer = cfg.n_layer
+        # Set to {} to collect the next forward's weight statistics (telemetry.weight_stats); None: off.
+        self.telemetry: dict[str, float] | None = None
+
+    def record_weights(self, layer: int, weights: torch.Tensor) -> None:
+        """Add the statistics of the weights (B, T, C, n) after block `layer` to `telemetry` when it is collecting."""
+        if not torch.compiler.is_compiling() and self.telemetry is not None:
+            from ..telemetry import weight_stats
+
+            self.telemetry.update(weight_stats(layer, self.stream_names(layer), weights))
+
+    def stream_names(self, layer: int) -> str:
+        """One letter per stream of the weights after block `layer` (telemetry keys)."""
+        return "x"
 
     def multiway_input(self, layer: int) -> bool:
         """True when block `layer` reads four streams (q, k, v, r) and needs three pre-norms."""

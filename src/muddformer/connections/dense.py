@@ -122,6 +122,9 @@ class DenseConnection(Connection):
         self.recompute = cfg.recompute_mix
         self.reset_parameters()
 
+    def static_prior_names(self) -> list[str]:
+        return [f"dense_bs.{layer}" for layer in self.dense_bs]
+
     def input_streams(self, layer: int) -> int:
         """How many stream tensors the aggregation after block `layer` hands on: 4 (q, k, v, r) or 1."""
         return 4 if self.n_streams == 4 and layer < self.n_layer - 1 else 1
@@ -168,14 +171,25 @@ class DenseConnection(Connection):
         """Weights (B, T, C, n) over `plan[layer].sources` after block `layer`; static ones are (1, 1, C, n)."""
         bias = self.dense_bs[str(layer)]
         if not self.dynamic:
-            return bias[None, None]
-        B, T, _ = out.shape
-        dynamic = self.dynamic_dense[str(layer)](out)
-        if self.gen_scale != 1.0:
-            dynamic = dynamic * self.gen_scale
-        if self.cap:  # soft cap: near-identity for small weights, bounded by +-cap
-            dynamic = self.cap * torch.tanh(dynamic / self.cap)
-        return dynamic.view(B, T, *bias.shape) + bias
+            weights = bias[None, None]
+        else:
+            B, T, _ = out.shape
+            dynamic = self.dynamic_dense[str(layer)](out)
+            if self.gen_scale != 1.0:
+                dynamic = dynamic * self.gen_scale
+            if self.cap:  # soft cap: near-identity for small weights, bounded by +-cap
+                dynamic = self.cap * torch.tanh(dynamic / self.cap)
+            weights = dynamic.view(B, T, *bias.shape) + bias
+        self.record_weights(layer, weights)
+        return weights
+
+    def stream_names(self, layer: int) -> str:
+        """Names of the streams the aggregation after block `layer` mixes: letters of qkvr, or x (single-way)."""
+        if self.n_streams == 1:
+            return "x"
+        if self.input_streams(layer) == 1:
+            return "r"
+        return "".join("qkvr"[c] for c in self.plan[layer].streams)
 
     def advance(self, state: DepthState, layer: int, out: torch.Tensor) -> None:
         stored = self.store(state, self.pre_norms[layer + 1](out) if self.prepost else out)

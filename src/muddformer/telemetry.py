@@ -1,0 +1,72 @@
+"""Training telemetry: dense-weight statistics per layer and stream, gradient norms per parameter group,
+and loss-spike / weight blow-up reports that name the layer and the option that would help.
+
+Cheap enough to leave on: the statistics are read from the forward pass of one micro-batch at each
+log step (eager runs; a compiled model records none), and the gradient norms are one pass over the
+gradients at those steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+# A dynamic dense weight above this magnitude is reported as a blow-up (the static prior starts at 1).
+BLOWUP = 50.0
+FIXES = "try --set dense_cap=10, --generator-lr-mult 0.25 or --set dense_norm=prepost"
+
+
+def weight_stats(layer: int, streams: str, weights: torch.Tensor) -> dict[str, float]:
+    """`dense/{layer}/{stream}/{mean_abs,max_abs,token_std}` of weights (B, T, C, n) or (1, 1, C, n):
+    the mean and max |weight| over tokens and sources, and the spread over tokens (std over the B*T
+    tokens of each weight, averaged over sources; 0 for static weights)."""
+    w = weights.detach().float().flatten(0, 1)  # (tokens, C, n)
+    spread = w.std(0, unbiased=False).mean(-1) if w.shape[0] > 1 else torch.zeros(w.shape[1])
+    stats = torch.stack([w.abs().mean((0, 2)), w.abs().amax((0, 2)), spread]).tolist()  # 3 x C
+    out = {}
+    for c, stream in enumerate(streams):
+        for k, name in enumerate(("mean_abs", "max_abs", "token_std")):
+            out[f"dense/{layer}/{stream}/{name}"] = stats[k][c]
+    return out
+
+
+def group_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`grad_norm/{group}`: the L2 norm of each named parameter group's gradients (before clipping)."""
+    out = {}
+    for group in optimizer.param_groups:
+        norms = []
+        for p in group["params"]:
+            if p.grad is not None:
+                n = torch.linalg.vector_norm(p.grad.float())
+                norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)  # FSDP2: a sharded norm
+        if norms:
+            out[f"grad_norm/{group.get('name', len(out))}"] = torch.linalg.vector_norm(torch.stack(norms)).item()
+    return out
+
+
+class SpikeWatch:
+    """Flags a logged loss far above the recent ones, or a dense weight beyond BLOWUP, with the layer
+    and stream holding the largest dense weight."""
+
+    def __init__(self, window: int = 20):
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def check(self, step: int, record: dict) -> str | None:
+        loss = record["loss"]
+        largest = max(((v, k) for k, v in record.items() if k.endswith("/max_abs")), default=None)
+        where = ""
+        if largest is not None:
+            _, layer, stream, _ = largest[1].split("/")
+            where = f"; the largest dense weight is {largest[0]:.3g} after block {layer}, stream {stream}"
+        message = None
+        if len(self.recent) >= 5:
+            mean = sum(self.recent) / len(self.recent)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.recent) / len(self.recent))
+            if loss > min(self.recent) + max(0.5, 3 * std):
+                message = f"loss spike at step {step}: {loss:.3f} after {mean:.3f} on average{where}"
+        if message is None and largest is not None and largest[0] > BLOWUP:
+            message = f"dense weights blowing up at step {step}{where}"
+        self.recent.append(loss)
+        return None if message is None else f"{message}; {FIXES}" if where else message

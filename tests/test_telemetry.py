@@ -1,0 +1,76 @@
+"""Training telemetry: dense-weight statistics, per-group gradient norms, spike and blow-up reports."""
+
+import json
+
+import pytest
+import torch
+
+from muddformer.telemetry import BLOWUP, SpikeWatch, group_grad_norms, weight_stats
+from muddformer.train import TrainConfig, train
+
+from conftest import build
+
+
+def test_static_weights_give_their_own_statistics_and_no_spread():
+    model = build(n_layer=3)  # W2 = 0: the weights are the static prior
+    with torch.no_grad():
+        model.connection.dense_bs["0"].copy_(torch.tensor([[1.0, -2.0], [0.5, 0.0], [3.0, 1.0], [-1.0, -1.0]]))
+    model.connection.telemetry = {}
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]))
+    stats = model.connection.telemetry
+    expected = {"q": (1.5, 2.0), "k": (0.25, 0.5), "v": (2.0, 3.0), "r": (1.0, 1.0)}
+    for stream, (mean_abs, max_abs) in expected.items():
+        assert stats[f"dense/0/{stream}/mean_abs"] == mean_abs and stats[f"dense/0/{stream}/max_abs"] == max_abs
+        assert stats[f"dense/0/{stream}/token_std"] == 0.0
+    assert stats["dense/2/r/max_abs"] == 1.0 and "dense/2/q/max_abs" not in stats  # the last aggregation: R only
+    assert len(stats) == 3 * (4 + 4 + 1)
+
+
+def test_weight_statistics_by_hand():
+    w = torch.tensor([[1.0, 3.0], [3.0, -5.0]]).view(1, 2, 1, 2)  # two tokens, one stream, two sources
+    stats = weight_stats(4, "x", w)
+    # |w| mean (1+3+3+5)/4; spread: source 0 has 1, 3 (std 1), source 1 has 3, -5 (std 4)
+    assert stats == {"dense/4/x/mean_abs": 3.0, "dense/4/x/max_abs": 5.0, "dense/4/x/token_std": 2.5}
+
+
+def test_group_gradient_norms():
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    opt = torch.optim.AdamW([dict(name="one", params=[a]), dict(name="two", params=[b, c])])
+    a.grad, b.grad, c.grad = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])
+    assert group_grad_norms(opt) == {"grad_norm/one": 5.0, "grad_norm/two": 5.0}
+
+
+def test_spike_and_blowup_reports_name_the_layer_and_the_fixes():
+    watch = SpikeWatch()
+    weights = {"dense/3/v/max_abs": 2.0, "dense/5/r/max_abs": 7.5}
+    for step, loss in enumerate([5.0, 4.9, 4.8, 4.7, 4.6, 4.55]):
+        assert watch.check(step, {"loss": loss, **weights}) is None
+    message = watch.check(6, {"loss": 6.0, **weights})
+    assert message.startswith("loss spike at step 6: 6.000") and "7.5 after block 5, stream r" in message
+    assert "--set dense_cap=10" in message
+    blown = watch.check(7, {"loss": 4.5, "dense/1/q/max_abs": BLOWUP + 1})
+    assert blown.startswith("dense weights blowing up at step 7") and "after block 1, stream q" in blown
+    assert SpikeWatch().check(0, {"loss": 9.0}) is None
+
+
+@pytest.mark.parametrize("connection, telemetry", [("mudd", True), ("residual", True), ("mudd", False)])
+def test_metrics_carry_the_telemetry(play_data, tmp_path, connection, telemetry):
+    out = tmp_path / "run"
+    train(TrainConfig(preset="nano", connection=connection, data=str(play_data), out=str(out), max_steps=2,
+                      batch_size=2, seq_len=16, log_every=1, eval_every=2, save_every=2, eval_windows=2, sample_tokens=0,
+                      tensorboard=False, progress=False, telemetry=telemetry))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert len(train_records) == 2
+    for r in train_records:
+        dense = {k for k in r if k.startswith("dense/")}
+        groups = {k for k in r if k.startswith("grad_norm/")}
+        if not telemetry:
+            assert not dense and not groups
+            continue
+        assert groups == ({"grad_norm/matrices", "grad_norm/vectors"} |
+                          ({"grad_norm/generator_matrices", "grad_norm/priors"} if connection == "mudd" else set()))
+        assert (dense == {f"dense/{l}/{s}/{k}" for l, streams in ((0, "qkvr"), (1, "r")) for s in streams
+                          for k in ("mean_abs", "max_abs", "token_std")}) == (connection == "mudd")
+        assert connection != "mudd" or r["dense/0/q/max_abs"] >= r["dense/0/q/mean_abs"] > 0
