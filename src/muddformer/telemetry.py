@@ -47,8 +47,8 @@ def group_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 class SpikeWatch:
-    """Flags a logged loss far above the recent ones, or a dense weight beyond BLOWUP, with the layer
-    and stream holding the largest dense weight."""
+    """Flags a logged loss more than max(0.5, 4 std) above the mean of the recent ones, or a dense weight
+    beyond BLOWUP, with the layer and stream holding the largest dense weight."""
 
     def __init__(self, window: int = 20):
         self.recent: deque[float] = deque(maxlen=window)
@@ -64,7 +64,7 @@ class SpikeWatch:
         if len(self.recent) >= 5:
             mean = sum(self.recent) / len(self.recent)
             std = math.sqrt(sum((x - mean) ** 2 for x in self.recent) / len(self.recent))
-            if loss > min(self.recent) + max(0.5, 3 * std):
+            if loss > mean + max(0.5, 4 * std):  # tiny-batch noise stays inside; a jump of a nat does not
                 message = f"loss spike at step {step}: {loss:.3f} after {mean:.3f} on average{where}"
         if message is None and largest is not None and largest[0] > BLOWUP:
             message = f"dense weights blowing up at step {step}{where}"
