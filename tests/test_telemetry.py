@@ -8,7 +8,7 @@ import torch
 from muddformer.telemetry import BLOWUP, SpikeWatch, group_grad_norms, weight_stats
 from muddformer.train import TrainConfig, train
 
-from conftest import build
+from conftest import assert_one_line_error, build
 
 
 def test_static_weights_give_their_own_statistics_and_no_spread():
@@ -74,3 +74,20 @@ def test_metrics_carry_the_telemetry(play_data, tmp_path, connection, telemetry)
         assert (dense == {f"dense/{l}/{s}/{k}" for l, streams in ((0, "qkvr"), (1, "r")) for s in streams
                           for k in ("mean_abs", "max_abs", "token_std")}) == (connection == "mudd")
         assert connection != "mudd" or r["dense/0/q/max_abs"] >= r["dense/0/q/mean_abs"] > 0
+
+
+def test_analyze_plots_a_runs_telemetry(play_data, tmp_path, run_cli):
+    run = tmp_path / "run"
+    train(TrainConfig(preset="nano", data=str(play_data), out=str(run), max_steps=3, batch_size=2, seq_len=16,
+                      log_every=1, eval_every=3, save_every=3, eval_windows=2, sample_tokens=0, tensorboard=False,
+                      progress=False))
+    proc = run_cli("analyze", "--run", run, "--out", tmp_path / "analysis")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert (tmp_path / "analysis" / "telemetry.png").stat().st_size > 10_000
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    peaks = result["telemetry"]["largest_dense_weight_per_block"]
+    assert set(peaks) == {"0", "1"} and result["telemetry"]["steps"] == 3
+    assert peaks["1"]["max_abs"] == max(r["dense/1/r/max_abs"] for r in records if "loss" in r)
+    assert_one_line_error(run_cli("analyze", "--out", tmp_path / "x"), "nothing to analyze")
+    assert_one_line_error(run_cli("analyze", "--run", tmp_path, "--out", tmp_path / "x"), "not a run folder")

@@ -369,9 +369,33 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InputError("--max-tokens and --batch-size must be at least 1 and --sink-positions at least 0")
     if args.seq_len is not None and args.seq_len < 1:
         raise InputError(f"--seq-len must be at least 1, got {args.seq_len}")
+    if args.model is None and args.run is None:
+        raise InputError("nothing to analyze: give a model folder, or --run RUN_FOLDER for a run's telemetry")
     for folder in filter(None, (args.model, args.compare)):
         if not Path(folder).is_dir():
             raise InputError(f"model folder {folder} does not exist")
+
+
+def run_telemetry(run: Path, out: Path) -> dict:
+    """telemetry.png of a training run folder and, per block, the largest |dense weight| it reached."""
+    from .analyze_plots import plot_telemetry
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise InputError(f"--run {run} is not a run folder (no metrics.jsonl); pass the --out folder of `mudd train`")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not any(k.startswith("grad_norm/") for r in records for k in r):
+        raise InputError(f"--run {run} has no telemetry in metrics.jsonl (trained with --no-telemetry or by an "
+                         f"older muddformer); train it again to record it")
+    plot_telemetry(records, out / "telemetry.png", f"Training telemetry of {run}")
+    peaks: dict[str, dict] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("dense/") and key.endswith("/max_abs"):
+                layer = key.split("/")[1]
+                if value > peaks.get(layer, {}).get("max_abs", -1.0):
+                    peaks[layer] = {"max_abs": value, "step": r["step"], "stream": key.split("/")[2]}
+    return {"run": str(run), "steps": max(r["step"] for r in records), "largest_dense_weight_per_block": peaks}
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -380,15 +404,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .textgen import resolve_device
 
     check_arguments(args)
+    out = Path(args.out)
+    if args.model is None:  # a run's telemetry only
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"telemetry": run_telemetry(Path(args.run), out), "plots": ["telemetry.png"]}
+        write_json_atomic(str(out / "analysis.json"), result)
+        print(json.dumps(result, indent=2))
+        return 0
     device = resolve_device(args.device)
     models = [analyze_folder(f, args, device) for f in filter(None, (args.model, args.compare))]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"settings": {"max_tokens": args.max_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
                            "sink_positions": args.sink_positions, "sink_tokens": parse_sink_tokens(args.sink_tokens),
                            "device": device, "dtype": args.dtype or "float32"},
               "models": models}
     result["plots"] = write_plots(models, out)
+    if args.run:
+        result["telemetry"] = run_telemetry(Path(args.run), out)
+        result["plots"].append("telemetry.png")
     write_json_atomic(str(out / "analysis.json"), result)
     print(json.dumps(result, indent=2) if args.json else summary(result))
     print(f"wrote {out / 'analysis.json'} and {', '.join(result['plots'])}", file=sys.stderr)
@@ -412,7 +445,9 @@ def summary(result: dict) -> str:
 
 
 def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder (ours or published)")
+    p.add_argument("model", nargs="?", help="model folder (ours or published)")
+    p.add_argument("--run", help="a `mudd train` run folder: plot its telemetry (dense weights, gradient norms per "
+                                 "group) over the steps as telemetry.png")
     p.add_argument("--out", required=True, help="folder for analysis.json and the plots")
     p.add_argument("--text", help="text file to run (default: the bundled corpus's validation split, "
                                   "for models with the bundled tokenizer)")

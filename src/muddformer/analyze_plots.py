@@ -98,3 +98,44 @@ def write_plots(models: list[dict], out: Path) -> list[str]:
         plot_dense_weights(models, out / "dense_weights.png")
         names.append("dense_weights.png")
     return names
+
+
+def plot_telemetry(records: list[dict], path: Path, title: str) -> None:
+    """A run's training telemetry over steps: loss and per-group gradient norms; the largest |dense weight|
+    after each block; the spread of the dense weights over tokens, per stream (mean over layers)."""
+    plt = pyplot()
+    train = [r for r in records if "loss" in r]
+    steps = [r["step"] for r in train]
+    fig, (ax_loss, ax_max, ax_spread) = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
+    ax_loss.plot(steps, [r["loss"] for r in train], color="black", label="loss")
+    ax_grad = ax_loss.twinx()
+    for key in sorted({k for r in train for k in r if k.startswith("grad_norm/")}):
+        ax_grad.plot(steps, [r.get(key, np.nan) for r in train], label=key.split("/", 1)[1], alpha=0.8)
+    ax_grad.set_yscale("log")
+    ax_grad.set_ylabel("gradient norm (before clipping)")
+    ax_grad.legend(fontsize="small", loc="upper right")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_title("Loss (black) and gradient norm per group")
+    dense = sorted({k for r in train for k in r if k.startswith("dense/")})
+    layers = sorted({int(k.split("/")[1]) for k in dense})
+    cmap = plt.get_cmap("viridis")
+    for i, layer in enumerate(layers):
+        keys = [k for k in dense if k.startswith(f"dense/{layer}/") and k.endswith("/max_abs")]
+        ax_max.plot(steps, [max((r[k] for k in keys if k in r), default=np.nan) for r in train],
+                    color=cmap(i / max(1, len(layers) - 1)), label=f"after block {layer}" if len(layers) <= 12 else None)
+    ax_max.set_yscale("log")
+    ax_max.set_title("Largest |dense weight| after each block")
+    ax_max.set_xlabel("step")
+    if 0 < len(layers) <= 12:
+        ax_max.legend(fontsize="x-small", ncol=2)
+    for stream in sorted({k.split("/")[2] for k in dense}):
+        keys = [k for k in dense if k.split("/")[2] == stream and k.endswith("/token_std")]
+        ax_spread.plot(steps, [float(np.mean([r[k] for k in keys if k in r])) if any(k in r for k in keys) else np.nan
+                               for r in train], label=stream)
+    ax_spread.set_title("Dense weights: spread over tokens\n(mean over layers)")
+    ax_spread.set_xlabel("step")
+    if dense:
+        ax_spread.legend(fontsize="small", title="stream")
+    fig.suptitle(title)
+    save_png(fig, path)
