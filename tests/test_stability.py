@@ -68,3 +68,29 @@ def test_control_config_errors(options, message):
 def test_controls_cannot_be_written_in_the_published_format():
     with pytest.raises(ConfigError, match="dense_cap / dense_gen_scale"):
         config_to_published(build(dense_cap=10.0).config)
+
+
+def block_output_rms(model, x) -> list[float]:
+    rms = []
+    hooks = [b.register_forward_hook(lambda mod, i, out: rms.append(out.float().pow(2).mean().sqrt().item()))
+             for b in model.layers]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return rms
+
+
+def test_prepost_norm_keeps_a_deep_models_states_bounded_where_plain_mudd_explodes():
+    # The mechanism behind the divergence reports at 24 layers: unnormalised dense sums feed each block's
+    # output into every later sum, so large dynamic weights compound over depth. PrePostDANorm normalises
+    # every stored state; the cap bounds each weight but not the compounding.
+    x = ids()
+    rms = {}
+    for name, options in (("plain", {}), ("prepost", dict(dense_norm="prepost")), ("cap", dict(dense_cap=2.0))):
+        model = build(n_layer=24, **options)
+        randomize_connection(model, scale=3.0)  # a generator that has drifted far from its zero init
+        rms[name] = block_output_rms(model, x)
+    assert not all(torch.isfinite(torch.tensor(rms["plain"]))) or max(rms["plain"]) > 1e6
+    assert max(rms["prepost"]) < 100 and rms["prepost"][-1] < 10 * rms["prepost"][6]
+    assert 1e3 < max(rms["cap"]) < max(rms["plain"])
