@@ -205,6 +205,8 @@ def test_compare_resumes_an_unfinished_run(small_data, tmp_path, capsys):
     (["--connections", "mudd,hc"], "--baseline 'residual' is not among --connections mudd,hc"),
     (["--seed-list", "0,x"], "--seed-list '0,x' must be comma-separated integers"),
     (["--set", "n_layers=3"], "unknown MuddConfig field 'n_layers'"),
+    (["--lr-for", "hc=1e-3"], "--lr-for names 'hc', which is not among --connections residual,mudd"),
+    (["--lr-for", "mudd:1e-3"], "--lr-for 'mudd:1e-3' must look like CONNECTION=LR"),
 ])
 def test_bad_options_are_one_line_and_write_nothing(small_data, tmp_path, capsys, extra, message):
     out = tmp_path / "cmp"
@@ -216,3 +218,14 @@ def test_bad_options_are_one_line_and_write_nothing(small_data, tmp_path, capsys
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_each_connection_trains_at_its_own_learning_rate(small_data, tmp_path):
+    out = tmp_path / "cmp"
+    args = compare_args(small_data, out, steps="2")
+    args[args.index("--seeds") + 1] = "1"
+    assert main(args + ["--lr", "2e-3", "--lr-for", "mudd=5e-4"]) == 0
+    lrs = {name: json.loads((out / "runs" / name / "seed0" / "run.json").read_text())["recipe"]["lr"]
+           for name in ("residual", "mudd")}
+    assert lrs == {"residual": 2e-3, "mudd": 5e-4}
+    assert "--lr-for mudd=0.0005" in (out / "results.md").read_text()  # the command that reproduces it

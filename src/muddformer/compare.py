@@ -154,6 +154,7 @@ class CompareConfig:
     batch_size: int = 8
     seq_len: int | None = None
     lr: float | None = None
+    lr_for: dict[str, float] = field(default_factory=dict)  # per-connection peak LR (each at its own best)
     eval_every: int | None = None  # None: max(1, steps // 10)
     eval_windows: int = 64
     set: list[str] = field(default_factory=list)
@@ -188,11 +189,27 @@ def parse_seed_list(text: str) -> list[int]:
     return seeds
 
 
+def parse_lr_for(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"--lr-for {item!r} must look like CONNECTION=LR, e.g. mudd=1e-3") from None
+        if not out[name.strip()] > 0:
+            raise InputError(f"--lr-for {item!r}: the learning rate must be positive")
+    return out
+
+
 def check_options(cc: CompareConfig) -> None:
     """The options compare itself owns; the training options are checked by train's own validation."""
     for name in cc.connections:
         if name not in CONNECTIONS:
             raise InputError(f"unknown connection {name!r} in --connections; choose from {', '.join(CONNECTIONS)}")
+    for name in cc.lr_for:
+        if name not in cc.connections:
+            raise InputError(f"--lr-for names {name!r}, which is not among --connections {','.join(cc.connections)}")
     if cc.baseline not in cc.connections:
         raise InputError(f"--baseline {cc.baseline!r} is not among --connections {','.join(cc.connections)}; add it")
     if not cc.seeds:
@@ -246,6 +263,8 @@ def command_line(cc: CompareConfig, out: Path) -> str:
         args += ["--seq-len", str(cc.seq_len)]
     if cc.lr is not None:
         args += ["--lr", repr(cc.lr)]
+    for name, lr in cc.lr_for.items():
+        args += ["--lr-for", f"{name}={lr!r}"]
     args += ["--eval-every", str(cc.eval_every), "--eval-windows", str(cc.eval_windows)]
     for item in cc.set:
         args += ["--set", item]
@@ -272,7 +291,8 @@ def train_config(cc: CompareConfig, connection: str, seed: int, data: str, out: 
     return TrainConfig(preset=cc.preset, set=list(cc.set), connection=connection, data=data,
                        out=str(run_folder(out, connection, seed, cc.baseline_steps if long else None)),
                        max_steps=cc.baseline_steps if long else cc.steps, batch_size=cc.batch_size,
-                       seq_len=cc.seq_len, lr=cc.lr, eval_every=cc.eval_every, eval_windows=cc.eval_windows,
+                       seq_len=cc.seq_len, lr=cc.lr_for.get(connection, cc.lr), eval_every=cc.eval_every,
+                       eval_windows=cc.eval_windows,
                        save_every=cc.eval_every, log_every=cc.eval_every, keep_checkpoints=2, seed=seed,
                        compile=cc.compile, dtype=cc.dtype, device=cc.device, sample_tokens=0, tensorboard=False,
                        progress=progress)
@@ -600,6 +620,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default min(256, block_size))")
     p.add_argument("--lr", type=float, help="peak learning rate (default as `mudd train`)")
+    p.add_argument("--lr-for", action="append", default=[], metavar="CONNECTION=LR",
+                   help="peak learning rate of one connection, e.g. mudd=1e-3 (repeatable; the others take --lr)")
     p.add_argument("--eval-every", type=int, help="steps between validation points (default max(1, steps // 10))")
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation sequences per evaluation")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -624,7 +646,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         seeds = list(range(args.seeds))
     return CompareConfig(preset=args.preset, connections=parse_list(args.connections, "--connections"), seeds=seeds,
                          steps=args.steps, data=args.data, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=args.lr, eval_every=args.eval_every, eval_windows=args.eval_windows, set=list(args.set),
+                         lr=args.lr, lr_for=parse_lr_for(args.lr_for), eval_every=args.eval_every,
+                         eval_windows=args.eval_windows, set=list(args.set),
                          device=args.device, compile=args.compile, dtype=args.dtype, baseline=args.baseline,
                          baseline_steps=args.baseline_steps)
 
