@@ -143,6 +143,7 @@ def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
         if cfg.connection in ("mudd", "ddformer"):  # the dynamic ones
             gen = conn.dynamic_dense[str(layer)]
             normed = gen.norm(out) if prepost else out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+            normed = normed if prepost or cfg.dense_gen_norm else out
             flat = (F.gelu(normed @ gen.w1.weight.T) @ gen.w2.weight.T) * cfg.dense_gen_scale
             if cfg.dense_cap:
                 flat = cfg.dense_cap * torch.tanh(flat / cfg.dense_cap)
@@ -152,6 +153,8 @@ def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
                  for c, s in enumerate(streams)}
         if prepost:
             mixed = {s: out + (conn.post_norms[layer](m) if s == "r" else m) for s, m in mixed.items()}
+        elif cfg.dense_mix == "add":
+            mixed = {s: out + cfg.dense_add_scale * m for s, m in mixed.items()}
         names = "qkvr" if cfg.connection.startswith("mudd") and layer < cfg.n_layer - 1 else "r"
         full = [mixed.get(s, out) for s in names]
         inputs = tuple(full) if len(full) == 4 else full[0]

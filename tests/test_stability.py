@@ -94,3 +94,34 @@ def test_prepost_norm_keeps_a_deep_models_states_bounded_where_plain_mudd_explod
     assert not all(torch.isfinite(torch.tensor(rms["plain"]))) or max(rms["plain"]) > 1e6
     assert max(rms["prepost"]) < 100 and rms["prepost"][-1] < 10 * rms["prepost"][6]
     assert 1e3 < max(rms["cap"]) < max(rms["plain"])
+
+
+ADDITIVE = [("mudd", dict(dense_mix="add")), ("ddformer", dict(dense_mix="add")), ("denseformer", dict(dense_mix="add")),
+            ("mudd", dict(dense_mix="add", dense_add_scale=0.5, dense_gen_norm=False)),
+            ("ddformer", dict(dense_mix="add", dense_add_scale=0.5, dense_gen_norm=False)),
+            ("mudd", dict(dense_mix="add", dense_streams="vr", dense_layers="-2,-1", dense_sources="0,2"))]
+
+
+@pytest.mark.parametrize("connection, options", ADDITIVE,
+                         ids=lambda o: o if isinstance(o, str) else ",".join(f"{k}={v}" for k, v in o.items()))
+def test_additive_mix_starts_as_the_residual_model_and_matches_the_formula(connection, options):
+    residual = build(seed=5, n_layer=4, connection="residual")
+    model = build(seed=6, n_layer=4, connection=connection, **options)
+    copy_shared_weights(residual, model)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, residual(x).logits)  # zero prior, zero W2: nothing added
+        assert all(float(b.abs().max()) == 0 for b in model.connection.dense_bs.values())
+        randomize_connection(model, scale=1.0)
+        torch.testing.assert_close(model(x).logits, explicit_dense_forward(model, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(dense_mix="add", dense_norm="prepost"), "pick one"),
+    (dict(dense_mix="sum"), "dense_mix='sum' is unknown"),
+    (dict(dense_mix="add", connection="residual"), "apply to the dense connections"),
+    (dict(dense_gen_norm=False, connection="denseformer"), "applies to the dynamic dense connections"),
+])
+def test_additive_mix_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build(**options)

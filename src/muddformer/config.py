@@ -20,6 +20,7 @@ BLOCKS = ("llama", "pythia")
 CONNECTIONS = ("residual", "mudd", "ddformer", "denseformer", "mudd-static", "hc", "mhc", "attnres", "attnres-block")
 FFN_SCHEDULES = ("constant", "linear")
 DENSE_NORMS = ("none", "prepost")
+DENSE_MIXES = ("replace", "add")
 TABLE_DTYPES = ("float32", "bfloat16", "float16")
 INIT_METHODS = ("normal", "xavier")
 ATTN_IMPLS = ("sdpa", "reference")
@@ -59,6 +60,11 @@ class MuddConfig:
     dense_round64: bool = True  # dense-connection generator width rounded up to the next 64-block
     dense_expand_last: bool = True  # last generator 4x wider
     dense_norm: str = "none"  # "prepost": PrePostDANorm of paper Eq. 10
+    # "replace": a block's inputs are the weighted sums (the paper); "add": the newest state plus
+    # dense_add_scale x the sums, with the static prior starting at zero (the GPT-2 speedrun's form).
+    dense_mix: str = "replace"
+    dense_add_scale: float = 0.1
+    dense_gen_norm: bool = True  # RMSNorm (no weight) of the generator's input; the speedrun has none
     # Stability controls of the dynamic weights (mudd, ddformer); both leave a fresh model unchanged.
     dense_cap: float = 0.0  # tanh soft cap: dynamic weights w -> cap * tanh(w / cap); 0 = off (the MUDD authors' mudd_cap)
     dense_gen_scale: float = 1.0  # fixed multiplier on the generator's output, the dynamic part of the weights
@@ -114,7 +120,7 @@ class MuddConfig:
 
     def _validate(self) -> None:
         for name, choices in (("block", BLOCKS), ("connection", CONNECTIONS), ("ffn_schedule", FFN_SCHEDULES),
-                              ("dense_norm", DENSE_NORMS), ("rope_table_dtype", TABLE_DTYPES),
+                              ("dense_norm", DENSE_NORMS), ("dense_mix", DENSE_MIXES), ("rope_table_dtype", TABLE_DTYPES),
                               ("init_method", INIT_METHODS), ("attn_impl", ATTN_IMPLS), ("mix_impl", MIX_IMPLS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"MuddConfig.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}")
@@ -153,6 +159,14 @@ class MuddConfig:
             raise ConfigError(f"MuddConfig.dense_cap must be >= 0 (0: no cap), got {self.dense_cap}")
         if not self.dense_gen_scale > 0:
             raise ConfigError(f"MuddConfig.dense_gen_scale must be positive (1: unscaled), got {self.dense_gen_scale}")
+        if self.dense_mix == "add" and self.dense_norm == "prepost":
+            raise ConfigError("dense_mix='add' and dense_norm='prepost' both add the mix to the newest state; pick one")
+        if (self.dense_mix, self.dense_add_scale) != ("replace", 0.1) and self.connection not in DENSE_FAMILY:
+            raise ConfigError(f"dense_mix and dense_add_scale apply to the dense connections ({', '.join(DENSE_FAMILY)}), "
+                              f"not connection={self.connection!r}; drop them or pick one of those")
+        if not self.dense_gen_norm and self.connection not in DYNAMIC_DENSE:
+            raise ConfigError(f"dense_gen_norm=False applies to the dynamic dense connections ({', '.join(DYNAMIC_DENSE)}), "
+                              f"not connection={self.connection!r}")
         if (self.dense_cap, self.dense_gen_scale) != (0.0, 1.0) and self.connection not in DYNAMIC_DENSE:
             raise ConfigError(f"dense_cap and dense_gen_scale act on dynamic dense weights ({', '.join(DYNAMIC_DENSE)}), "
                               f"not connection={self.connection!r}; drop them or pick one of those")
@@ -334,6 +348,9 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
         problems.append(f"dense_norm={cfg.dense_norm!r} (the reference has no PrePostDANorm)")
     if (cfg.dense_cap, cfg.dense_gen_scale) != (0.0, 1.0):
         problems.append("dense_cap / dense_gen_scale (the reference uses the raw generator output)")
+    if cfg.dense_mix != "replace" or not cfg.dense_gen_norm:
+        problems.append("dense_mix='add' or dense_gen_norm=False (the reference replaces the inputs and normalises "
+                        "the generator's input)")
     if cfg.block == "llama" and cfg.rotary_pct != 1.0:
         problems.append("partial rotary on the llama block (the reference rotates the full head)")
     if cfg.tie_word_embeddings:

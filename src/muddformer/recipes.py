@@ -85,7 +85,7 @@ class Recipe:
 
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "follows"))
 
-_PAPER = "MUDD paper §3 / Table 2 (spec §5): AdamW (0.9, 0.95), wd 0.1, clip 1.0, 1 % warm-up, cosine to 10 %"
+_PAPER = "the MUDD paper's recipe (spec §5): AdamW (0.9, 0.95), wd 0.1, clip 1.0, 1 % warm-up, cosine to 10 %"
 RECIPES: dict[str, Recipe] = {
     # The paper's scaling runs: 0.5M-token batches of 2048-token sequences, bfloat16; each size's peak LR (Table 2).
     **{f"paper-{size}": Recipe(f"paper-{size}", f"{_PAPER}, lr {lr:g}, batch 256 x 2048", lr=lr, seq_len=2048,

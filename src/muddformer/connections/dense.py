@@ -40,15 +40,18 @@ def generator_width(n_streams: int, n_states: int, last: bool, expand_last: bool
 class WeightGenerator(nn.Module):
     """The per-token MLP that makes dense weights from the newest state: W2 @ GELU(W1 @ norm(x))."""
 
-    def __init__(self, dim: int, hidden: int, n_out: int, eps: float, scaled_norm: bool):
+    def __init__(self, dim: int, hidden: int, n_out: int, eps: float, scaled_norm: bool, input_norm: bool = True):
         super().__init__()
-        self.eps = eps
+        self.eps, self.input_norm = eps, input_norm
         self.norm = RMSNorm(dim, eps) if scaled_norm else None
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, n_out, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x) if self.norm is not None else rms_norm_no_scale(x, self.eps)
+        if self.norm is not None:
+            h = self.norm(x)
+        else:
+            h = rms_norm_no_scale(x, self.eps) if self.input_norm else x
         return self.w2(F.gelu(self.w1(h)))
 
 
@@ -93,6 +96,7 @@ class DenseConnection(Connection):
         super().__init__(cfg)
         L = cfg.n_layer
         self.prepost = cfg.dense_norm == "prepost"
+        self.additive, self.add_scale = cfg.dense_mix == "add", cfg.dense_add_scale
         self.plan = aggregation_plan(cfg, self.n_streams)
         kept = {layer: agg for layer, agg in enumerate(self.plan) if agg is not None}
         # The streams each aggregation mixes ([4, 4, ..., 1] for full MUDD; 0 where none).
@@ -109,7 +113,7 @@ class DenseConnection(Connection):
 
             self.dynamic_dense = nn.ModuleDict({
                 str(layer): WeightGenerator(cfg.dim, width(layer, agg), len(agg.streams) * len(agg.sources),
-                                            cfg.norm_eps, scaled_norm=self.prepost)
+                                            cfg.norm_eps, scaled_norm=self.prepost, input_norm=cfg.dense_gen_norm)
                 for layer, agg in kept.items()})
         if self.prepost:
             # PrePostDANorm (paper Eq. 10): every stored state is normalised; the R stream's sum is
@@ -136,7 +140,7 @@ class DenseConnection(Connection):
         with torch.no_grad():
             for bias in self.dense_bs.values():
                 bias.zero_()
-                if not self.prepost:
+                if not (self.prepost or self.additive):  # one-hot on the newest state: the residual start
                     bias[:, -1] = 1.0
             if self.dynamic:
                 for gen in self.dynamic_dense.values():
@@ -216,6 +220,9 @@ class DenseConnection(Connection):
         if self.prepost:  # gen_input is the block output itself; the R stream's sum is normalised again
             streams = [gen_input if c not in by_position else
                        gen_input + (self.post_norms[layer](by_position[c]) if c == n_out - 1 else by_position[c])
+                       for c in range(n_out)]
+        elif self.additive:  # the newest state plus the scaled mix (the speedrun's form)
+            streams = [gen_input + self.add_scale * by_position[c] if c in by_position else gen_input
                        for c in range(n_out)]
         else:  # streams that are not mixed take the newest state, as in a residual model
             streams = [by_position.get(c, gen_input) for c in range(n_out)]
