@@ -19,12 +19,17 @@ def ids(seed=3):
 @pytest.mark.parametrize("options", CONTROLS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("connection", ["mudd", "ddformer"])
 def test_a_fresh_model_with_controls_is_the_residual_model(options, connection):
+    fresh_model_equal_to_residual(connection, options)
+
+
+def fresh_model_equal_to_residual(connection: str, options: dict):
+    """A fresh model with these options, its body copied from a residual model: the logits must be equal."""
     residual = build(seed=5, n_layer=4, connection="residual")
     model = build(seed=6, n_layer=4, connection=connection, **options)
     copy_shared_weights(residual, model)
-    x = ids()
     with torch.no_grad():
-        assert torch.equal(model(x).logits, residual(x).logits)
+        assert torch.equal(model(ids()).logits, residual(ids()).logits)
+    return model
 
 
 @pytest.mark.parametrize("options", CONTROLS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
@@ -105,12 +110,9 @@ ADDITIVE = [("mudd", dict(dense_mix="add")), ("ddformer", dict(dense_mix="add"))
 @pytest.mark.parametrize("connection, options", ADDITIVE,
                          ids=lambda o: o if isinstance(o, str) else ",".join(f"{k}={v}" for k, v in o.items()))
 def test_additive_mix_starts_as_the_residual_model_and_matches_the_formula(connection, options):
-    residual = build(seed=5, n_layer=4, connection="residual")
-    model = build(seed=6, n_layer=4, connection=connection, **options)
-    copy_shared_weights(residual, model)
+    model = fresh_model_equal_to_residual(connection, options)  # zero prior, zero W2: nothing added
     x = ids()
     with torch.no_grad():
-        assert torch.equal(model(x).logits, residual(x).logits)  # zero prior, zero W2: nothing added
         assert all(float(b.abs().max()) == 0 for b in model.connection.dense_bs.values())
         randomize_connection(model, scale=1.0)
         torch.testing.assert_close(model(x).logits, explicit_dense_forward(model, x), atol=1e-5, rtol=1e-5)
