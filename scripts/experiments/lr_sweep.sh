@@ -3,7 +3,8 @@
 # factor-2 grid, seed 0, 250 steps of 16 x 256 tokens (1.02 M tokens), on a 6-layer, 192-wide model of
 # the `tiny` family (8k vocabulary) on the bundled corpus, with the `cpu` recipe otherwise. The shape, the
 # grid and the connections were fixed before any run. One `mudd compare` folder per LR; resumable: re-running
-# skips finished runs. Small result files are copied to docs/results/lr-sweep/.
+# skips finished runs, and a fresh machine restores the finished ones from docs/results/lr-sweep/ (where the
+# small result files are copied: compare.json, results, each run's metrics.jsonl and run.json).
 #   bash scripts/experiments/lr_sweep.sh [MUDD_BIN] [RUNS_DIR]
 set -euo pipefail
 MUDD=${1:-.venv/bin/mudd}
@@ -12,11 +13,12 @@ DOCS=docs/results/lr-sweep
 CONNECTIONS=residual,ddformer,mudd,attnres,hc
 for lr in 1e-3 2e-3 4e-3 8e-3; do
   out="$RUNS/lr$lr"
+  if [ ! -e "$out" ] && [ -f "$DOCS/lr$lr/compare.json" ]; then mkdir -p "$RUNS" && cp -r "$DOCS/lr$lr" "$out"; fi
   "$MUDD" compare --preset tiny --set n_layer=6 --set dim=192 --set n_head=3 --connections "$CONNECTIONS" \
       --seeds 1 --steps 250 --batch-size 16 --seq-len 256 --lr "$lr" --eval-every 25 --eval-windows 64 \
       --out "$out" --no-progress
   mkdir -p "$DOCS/lr$lr"
-  cp "$out/results.json" "$out/results.md" "$DOCS/lr$lr/"
+  cp "$out/compare.json" "$out/results.json" "$out/results.md" "$DOCS/lr$lr/"
   for run in "$out"/runs/*/seed*; do
     dest="$DOCS/lr$lr/runs/$(basename "$(dirname "$run")")/$(basename "$run")"
     mkdir -p "$dest" && cp "$run/metrics.jsonl" "$run/run.json" "$dest/"
