@@ -224,8 +224,41 @@ def test_each_connection_trains_at_its_own_learning_rate(small_data, tmp_path):
     out = tmp_path / "cmp"
     args = compare_args(small_data, out, steps="2")
     args[args.index("--seeds") + 1] = "1"
-    assert main(args + ["--lr", "2e-3", "--lr-for", "mudd=5e-4"]) == 0
-    lrs = {name: json.loads((out / "runs" / name / "seed0" / "run.json").read_text())["recipe"]["lr"]
-           for name in ("residual", "mudd")}
-    assert lrs == {"residual": 2e-3, "mudd": 5e-4}
-    assert "--lr-for mudd=0.0005" in (out / "results.md").read_text()  # the command that reproduces it
+    assert main(args + ["--lr", "2e-3", "--lr-for", "mudd=5e-4", "--recipe", "cpu", "--generator-lr-mult", "0.25",
+                        "--warmup", "0.5"]) == 0
+    recipes = {name: json.loads((out / "runs" / name / "seed0" / "run.json").read_text())["recipe"]
+               for name in ("residual", "mudd")}
+    assert {name: r["lr"] for name, r in recipes.items()} == {"residual": 2e-3, "mudd": 5e-4}
+    assert all(r["name"] == "cpu" and r["generator_lr_mult"] == 0.25 and r["warmup"] == 0.5 for r in recipes.values())
+    md = (out / "results.md").read_text()  # the command that reproduces it
+    assert "--lr-for mudd=0.0005 --recipe cpu --warmup 0.5 --generator-lr-mult 0.25" in md
+
+
+def test_report_from_the_small_files_alone(small_data, tmp_path, capsys):
+    """A compare folder stripped to compare.json, metrics.jsonl and run.json (as committed under docs/results)
+    reports the same figures; an unfinished run is named; a compare.json older than a setting still reads."""
+    out, kept = tmp_path / "cmp", tmp_path / "kept"
+    args = compare_args(small_data, out, steps="2", eval_every="1")
+    assert main(args) == 0
+    full = json.loads((out / "results.json").read_text())
+    for path in out.rglob("*"):
+        if path.name in ("compare.json", "metrics.jsonl", "run.json"):
+            (kept / path.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, kept / path.relative_to(out))
+    settings = json.loads((kept / "compare.json").read_text())
+    del settings["settings"]["recipe"], settings["settings"]["recipe_overrides"]  # as written before they existed
+    (kept / "compare.json").write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert main(["compare", "--report", "--out", str(kept), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not list(kept.rglob("checkpoints")) and (kept / "results.md").is_file()
+    for key in ("connections", "pairwise_welch", "tokens_per_run", "baseline"):
+        assert report[key] == full[key]
+    assert report["runs"] == {"trained": 0, "skipped": 4}
+
+    (kept / "runs" / "mudd" / "seed1" / "metrics.jsonl").write_text("")
+    assert main(["compare", "--report", "--out", str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 runs of" in err and str(kept / "runs" / "mudd" / "seed1") in err
+    assert main(["compare", "--report", "--out", str(tmp_path)]) == 2
+    assert "holds no compare.json" in capsys.readouterr().err

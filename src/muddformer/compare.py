@@ -33,9 +33,12 @@ from .checkpoints import atomic_path, write_json_atomic
 from .config import CONNECTIONS
 from .errors import InputError
 from .plotting import pyplot, save_png
+from .recipes import OVERRIDABLE
+from .train import add_recipe_arguments
 
 DEFAULT_CONNECTIONS = ("residual", "denseformer", "ddformer", "mudd", "hc", "mhc", "attnres")
 SETTINGS_NAME = "compare.json"
+COMPARE_OWN = ("batch_size", "seq_len", "lr", "dtype")  # recipe fields compare declares itself
 EXTENSIBLE = ("baseline_steps",)  # settings a later command may change: they add runs, never alter finished ones
 FORMAT = "mudd-compare"
 FORMAT_VERSION = 1
@@ -155,6 +158,8 @@ class CompareConfig:
     seq_len: int | None = None
     lr: float | None = None
     lr_for: dict[str, float] = field(default_factory=dict)  # per-connection peak LR (each at its own best)
+    recipe: str | None = None  # None: the preset's
+    recipe_overrides: dict = field(default_factory=dict)  # other Recipe fields, e.g. {"generator_lr_mult": 0.25}
     eval_every: int | None = None  # None: max(1, steps // 10)
     eval_windows: int = 64
     set: list[str] = field(default_factory=list)
@@ -234,6 +239,7 @@ def check_or_write_settings(out: Path, cc: CompareConfig) -> None:
         except (OSError, json.JSONDecodeError, AttributeError) as e:
             raise InputError(f"{path} is unreadable ({e}); remove it or use another --out") from None
         current = asdict(cc)
+        stored = {**asdict(CompareConfig()), **stored}  # a setting added since that compare had its default
         diffs = [f"{k} {current.get(k)!r} here, {stored.get(k)!r} there" for k in sorted(set(current) | set(stored))
                  if current.get(k) != stored.get(k) and k not in EXTENSIBLE]
         if diffs:
@@ -265,6 +271,10 @@ def command_line(cc: CompareConfig, out: Path) -> str:
         args += ["--lr", repr(cc.lr)]
     for name, lr in cc.lr_for.items():
         args += ["--lr-for", f"{name}={lr!r}"]
+    if cc.recipe:
+        args += ["--recipe", cc.recipe]
+    for name, value in cc.recipe_overrides.items():
+        args += ["--" + name.replace("_", "-"), str(value)]
     args += ["--eval-every", str(cc.eval_every), "--eval-windows", str(cc.eval_windows)]
     for item in cc.set:
         args += ["--set", item]
@@ -291,7 +301,8 @@ def train_config(cc: CompareConfig, connection: str, seed: int, data: str, out: 
     return TrainConfig(preset=cc.preset, set=list(cc.set), connection=connection, data=data,
                        out=str(run_folder(out, connection, seed, cc.baseline_steps if long else None)),
                        max_steps=cc.baseline_steps if long else cc.steps, batch_size=cc.batch_size,
-                       seq_len=cc.seq_len, lr=cc.lr_for.get(connection, cc.lr), eval_every=cc.eval_every,
+                       seq_len=cc.seq_len, lr=cc.lr_for.get(connection, cc.lr), recipe=cc.recipe,
+                       **cc.recipe_overrides, eval_every=cc.eval_every,
                        eval_windows=cc.eval_windows,
                        save_every=cc.eval_every, log_every=cc.eval_every, keep_checkpoints=2, seed=seed,
                        compile=cc.compile, dtype=cc.dtype, device=cc.device, sample_tokens=0, tensorboard=False,
@@ -604,6 +615,34 @@ def run_compare(cc: CompareConfig, out: Path, progress: bool = True) -> dict:
     return results
 
 
+def stored_settings(out: Path) -> CompareConfig:
+    """The CompareConfig recorded in DIR/compare.json (settings added since then take their defaults)."""
+    path = out / SETTINGS_NAME
+    try:
+        stored = json.loads(path.read_text())["settings"]
+        return CompareConfig(**{**asdict(CompareConfig()), **stored})
+    except FileNotFoundError:
+        raise InputError(f"{out} holds no {SETTINGS_NAME}: --report reads a folder written by `mudd compare`") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{path} is unreadable ({e}); restore it from the compare that wrote it") from None
+
+
+def report_compare(out: Path) -> dict:
+    """The results of a compare folder from its small files alone; refuses while a run is unfinished."""
+    from .data import bundled_data_dir
+
+    cc = stored_settings(out)
+    missing = [str(run_folder(out, c, seed)) for seed in cc.seeds for c in cc.connections
+               if final_val_loss(read_records(run_folder(out, c, seed)), cc.steps) is None]
+    if missing:
+        raise InputError(f"{len(missing)} runs of {out} have not finished ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}); run `{command_line(cc, out)}` to finish them")
+    results = collect_results(cc, cc.data or str(bundled_data_dir()), out)
+    results["runs"] = {"trained": 0, "skipped": len(cc.seeds) * len(cc.connections)}
+    write_outputs(results, out)
+    return results
+
+
 # ---- command line -------------------------------------------------------------------------------
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     d = CompareConfig()
@@ -633,6 +672,10 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-steps", type=int,
                    help="also train the baseline this many steps (same seeds); the compute multiplier reads that "
                         "longer curve (added to an existing compare without retraining the rest)")
+    add_recipe_arguments(p, skip=COMPARE_OWN)
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: recompute the results of --out from its compare.json and each run's "
+                        "metrics.jsonl and run.json (no checkpoints needed), e.g. a folder under docs/results")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no training progress bars")
     p.add_argument("--json", action="store_true", help="print results.json instead of the table")
 
@@ -649,7 +692,9 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
                          lr=args.lr, lr_for=parse_lr_for(args.lr_for), eval_every=args.eval_every,
                          eval_windows=args.eval_windows, set=list(args.set),
                          device=args.device, compile=args.compile, dtype=args.dtype, baseline=args.baseline,
-                         baseline_steps=args.baseline_steps)
+                         baseline_steps=args.baseline_steps, recipe=args.recipe,
+                         recipe_overrides={k: getattr(args, k) for k in OVERRIDABLE
+                                           if k not in COMPARE_OWN and getattr(args, k) is not None})
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -657,7 +702,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/compare-{cc.preset}")
     # With --json, stdout carries the JSON alone: progress lines go to stderr.
     with redirect_stdout(sys.stderr) if args.json else nullcontext():
-        results = run_compare(cc, out, progress=args.progress)
+        results = report_compare(out) if args.report else run_compare(cc, out, progress=args.progress)
     if args.json:
         print(json.dumps(finite_or_none(results), indent=2))
     else:

@@ -460,6 +460,38 @@ def write_sample(core: MuddModel, data: TokenData, tc: TrainConfig, out: Path | 
 
 
 # ---- command line -------------------------------------------------------------------------------
+def add_recipe_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """--recipe and one override flag per Recipe field (default None: the recipe's value). `mudd compare`
+    shares them, less the fields in `skip` that it declares itself."""
+    group = p.add_argument_group("recipe", "how the run trains: a named recipe (`mudd recipes`; default: the "
+                                           "preset's) and overrides of its fields")
+
+    def add(flag: str, **kw) -> None:
+        if flag[2:].replace("-", "_") not in skip:
+            group.add_argument(flag, **kw)
+
+    add("--recipe", help="training recipe (default: the preset's, e.g. cpu, paper-405m)")
+    add("--batch-size", type=int, help="sequences per rank per micro-batch")
+    add("--global-batch", type=int, help="sequences per optimizer step over all ranks (sets --grad-accum)")
+    add("--seq-len", type=int, help="tokens per sequence (recipe default: min(256, block_size))")
+    add("--lr", type=float, help="peak learning rate")
+    add("--warmup", type=float, help="linear warm-up as a share of --max-steps")
+    add("--schedule", choices=SCHEDULES, help="decay after warm-up")
+    add("--min-lr-ratio", type=float, help="final learning rate / peak")
+    add("--beta1", type=float)
+    add("--beta2", type=float)
+    add("--eps", type=float, help="AdamW epsilon")
+    add("--weight-decay", type=float, help="on matrices (norms, biases and static priors never)")
+    add("--grad-clip", type=float, help="global gradient-norm clip (0: off)")
+    add("--dtype", choices=PRECISIONS, help="compute dtype (bfloat16: autocast / FSDP mixed precision)")
+    add("--generator-lr-mult", type=float,
+        help="learning-rate multiplier of the connection's own parameters (MUDD's weight generators, ...)")
+    add("--generator-beta1", type=float, help="their AdamW beta1 (default: --beta1)")
+    add("--generator-beta2", type=float, help="their AdamW beta2 (default: --beta2)")
+    add("--generator-weight-decay", type=float, help="their weight decay on matrices (default: --weight-decay)")
+    add("--prior-lr-mult", type=float, help="learning-rate multiplier of the static priors (MUDD's dense_bs, ...)")
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--preset", default=d.preset, help="model preset (see `mudd presets`; default tiny)")
@@ -471,28 +503,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=d.max_steps)
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: those that make the "
                                                   "recipe's --global-batch, else 1)")
-    g = p.add_argument_group("recipe", "how the run trains: a named recipe (`mudd recipes`; default: the preset's) "
-                                       "and overrides of its fields")
-    g.add_argument("--recipe", help="training recipe (default: the preset's, e.g. cpu, paper-405m)")
-    g.add_argument("--batch-size", type=int, help="sequences per rank per micro-batch")
-    g.add_argument("--global-batch", type=int, help="sequences per optimizer step over all ranks (sets --grad-accum)")
-    g.add_argument("--seq-len", type=int, help="tokens per sequence (recipe default: min(256, block_size))")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--warmup", type=float, help="linear warm-up as a share of --max-steps")
-    g.add_argument("--schedule", choices=SCHEDULES, help="decay after warm-up")
-    g.add_argument("--min-lr-ratio", type=float, help="final learning rate / peak")
-    g.add_argument("--beta1", type=float)
-    g.add_argument("--beta2", type=float)
-    g.add_argument("--eps", type=float, help="AdamW epsilon")
-    g.add_argument("--weight-decay", type=float, help="on matrices (norms, biases and static priors never)")
-    g.add_argument("--grad-clip", type=float, help="global gradient-norm clip (0: off)")
-    g.add_argument("--dtype", choices=PRECISIONS, help="compute dtype (bfloat16: autocast / FSDP mixed precision)")
-    g.add_argument("--generator-lr-mult", type=float,
-                   help="learning-rate multiplier of the connection's own parameters (MUDD's weight generators, ...)")
-    g.add_argument("--generator-beta1", type=float, help="their AdamW beta1 (default: --beta1)")
-    g.add_argument("--generator-beta2", type=float, help="their AdamW beta2 (default: --beta2)")
-    g.add_argument("--generator-weight-decay", type=float, help="their weight decay on matrices (default: --weight-decay)")
-    g.add_argument("--prior-lr-mult", type=float, help="learning-rate multiplier of the static priors (MUDD's dense_bs, ...)")
+    add_recipe_arguments(p)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation sequences per evaluation")
     p.add_argument("--save-every", type=int, default=d.save_every)
