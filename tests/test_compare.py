@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from muddformer.cli import main
-from muddformer.compare import (CompareConfig, compute_multiplier, regularized_incomplete_beta, student_t_two_sided_p,
+from muddformer.compare import (CompareConfig, cohen_d, compute_multiplier, regularized_incomplete_beta, student_t_two_sided_p,
                                 welch_t_test)
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -27,6 +27,14 @@ def test_welch_t_test_matches_reference_values(a, b, t, df, p):
     assert r["t"] == pytest.approx(t, rel=1e-10)
     assert r["df"] == pytest.approx(df, rel=1e-10)
     assert r["p"] == pytest.approx(p, rel=1e-9)
+
+
+def test_cohen_d_against_a_hand_computed_case():
+    # means 2 and 4, both variances 1 (ddof 1): pooled sd 1, d = -2; a one-value sample or no spread: None
+    assert cohen_d([1.0, 2.0, 3.0], [3.0, 4.0, 5.0]) == pytest.approx(-2.0)
+    # variances 1 (n 3) and 4 (n 3): pooled sqrt(2.5)
+    assert cohen_d([2.0, 3.0, 4.0], [0.0, 2.0, 4.0]) == pytest.approx(1.0 / math.sqrt(2.5))
+    assert cohen_d([1.0], [1.0, 2.0]) is None and cohen_d([1.0, 1.0], [2.0, 2.0]) is None
 
 
 def test_welch_t_test_edge_cases():
@@ -125,7 +133,9 @@ def test_compare_end_to_end_resumes_and_refuses_other_settings(small_data, tmp_p
     assert results["connections"]["residual"]["welch"] is None
     assert results["pairwise_welch"]["mudd"]["residual"] == results["connections"]["mudd"]["welch"]
     assert results["pairwise_welch"]["residual"]["mudd"]["t"] == pytest.approx(-results["connections"]["mudd"]["welch"]["t"])
-    assert set(results["connections"]["mudd"]["welch"]) == {"t", "df", "p"}
+    assert set(results["connections"]["mudd"]["welch"]) == {"t", "df", "p", "d"}
+    mudd, res = results["connections"]["mudd"]["final_val_loss"], results["connections"]["residual"]["final_val_loss"]
+    assert results["connections"]["mudd"]["welch"]["d"] == pytest.approx(cohen_d(mudd, res))
     assert results["connections"]["mudd"]["parameters"] > results["connections"]["residual"]["parameters"]
     # Every connection's run of a seed trains with that seed (same init RNG and batches).
     first = lambda name: json.loads((out / "runs" / name / "seed0" / "run.json").read_text())

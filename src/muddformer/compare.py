@@ -110,6 +110,20 @@ def welch_t_test(a: list[float], b: list[float]) -> dict:
     return {"t": t, "df": df, "p": student_t_two_sided_p(t, df)}
 
 
+def cohen_d(a: list[float], b: list[float]) -> float | None:
+    """Effect size of mean(a) - mean(b) in units of the pooled standard deviation (None below 2 values each,
+    or with no spread at all)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    pooled = ((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b)) / (len(a) + len(b) - 2)
+    return (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(pooled) if pooled > 0 else None
+
+
+def difference_test(a: list[float], b: list[float]) -> dict:
+    """Welch's test and Cohen's d of mean(a) - mean(b): {t, df, p, d}."""
+    return {**welch_t_test(a, b), "d": cohen_d(a, b)}
+
+
 def compute_multiplier(base_steps: list[float], base_losses: list[float], method_final_loss: float,
                        method_steps: float) -> dict:
     """How many times more steps the baseline needs to reach a method's final loss.
@@ -458,7 +472,7 @@ def collect_results(cc: CompareConfig, data: str, out: Path) -> dict:
         long = {"steps": cc.baseline_steps, "curve": curve}
     for name, r in per.items():
         r["delta_vs_baseline"] = r["mean"] - base["mean"]
-        r["welch"] = welch_t_test(r["final_val_loss"], base["final_val_loss"]) if name != cc.baseline else None
+        r["welch"] = difference_test(r["final_val_loss"], base["final_val_loss"]) if name != cc.baseline else None
         r["compute_multiplier"] = compute_multiplier(curve["step"], curve["mean"], r["mean"], cc.steps)
     own = per[cc.baseline]["compute_multiplier"]["multiplier"]
     for r in per.values():  # on a longer baseline's curve: relative to where the baseline's own loss lies
@@ -473,12 +487,12 @@ def collect_results(cc: CompareConfig, data: str, out: Path) -> dict:
 
 def pairwise_welch(per: dict, names: list[str]) -> dict:
     """Welch's test of every pair (row minus column), for orderings among the connections themselves."""
-    return {a: {b: welch_t_test(per[a]["final_val_loss"], per[b]["final_val_loss"]) for b in names if b != a}
+    return {a: {b: difference_test(per[a]["final_val_loss"], per[b]["final_val_loss"]) for b in names if b != a}
             for a in names}
 
 
 def pairwise_table(results: dict) -> str:
-    """Welch p-values of every pair, with the sign of the row's mean loss minus the column's."""
+    """Welch p-values and Cohen's d of every pair, with the sign of the row's mean loss minus the column's."""
     names = results["connections_order"]
     rows = ["| row − column | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for a in names:
@@ -486,7 +500,7 @@ def pairwise_table(results: dict) -> str:
         for b in names:
             w = results["pairwise_welch"][a].get(b)
             diff = results["connections"][a]["mean"] - results["connections"][b]["mean"]
-            cells.append("—" if w is None else f"{diff:+.3f} (p {format_p(w)})")
+            cells.append("—" if w is None else f"{diff:+.3f} (p {format_p(w)}, d {format_d(w)})")
         rows.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -521,10 +535,14 @@ def format_p(welch: dict | None) -> str:
     return f"{welch['p']:.3g}" if welch["p"] >= 1e-4 else f"{welch['p']:.1e}"
 
 
+def format_d(test: dict | None) -> str:
+    return "—" if test is None or test.get("d") is None else f"{test['d']:+.2f}"
+
+
 def markdown_table(results: dict) -> str:
     base = results["baseline"]
-    rows = ["| connection | params | val loss mean ± std | Δ vs baseline | p (Welch) | compute multiplier "
-            "| tokens/s | memory |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| connection | params | val loss mean ± std | Δ vs baseline | p (Welch) | d (Cohen) | compute multiplier "
+            "| tokens/s | memory |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in results["connections_order"]:
         r = results["connections"][name]
         std = f" ± {r['std']:.4f}" if r["std"] is not None else ""
@@ -532,6 +550,7 @@ def markdown_table(results: dict) -> str:
         speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
         label = f"{name} (baseline)" if name == base else name
         rows.append(f"| {label} | {r['parameters']:,} | {r['mean']:.4f}{std} | {delta} | {format_p(r['welch'])} | "
+                    f"{format_d(r['welch'])} | "
                     f"{format_multiplier(r['compute_multiplier'])} | {speed} | {format_bytes(r['memory']['bytes'])} |")
     return "\n".join(rows)
 
@@ -551,7 +570,8 @@ def markdown_report(results: dict) -> str:
              markdown_table(results), "",
              f"- Validation loss: final mean over seeds {', '.join(map(str, s['seeds']))} (std with ddof=1), "
              "nats/token.",
-             f"- Δ and p: against {results['baseline']}; p is the two-sided Welch t-test of the final losses.",
+             f"- Δ, p and d: against {results['baseline']}; p is the two-sided Welch t-test of the final losses, d "
+             "the difference of the means in pooled standard deviations (Cohen's d).",
              f"- Compute multiplier: steps {results['baseline']} needs to reach the connection's final mean loss "
              "(its mean curve, running minimum, interpolated) divided by the connection's steps"
              + (f", read on the baseline's {results['baseline_long']['steps']}-step runs (their own learning-rate "
@@ -560,7 +580,7 @@ def markdown_report(results: dict) -> str:
                 else "") + "; "
              "> marks a lower bound (never reached), < an upper bound (reached before the first evaluation).",
              f"- tokens/s: mean over seeds of the training throughput; memory: {memory_note}.", "",
-             "Every pair: mean final loss of the row minus the column's, and the Welch p-value.", "",
+             "Every pair: mean final loss of the row minus the column's, the Welch p-value and Cohen's d.", "",
              pairwise_table(results), "",
              "Command:", "", "```", results["command"], "```", ""]
     return "\n".join(lines)
