@@ -13,6 +13,7 @@
 # runs from docs/results/evidence/<part> (where the small result files are copied after each part).
 #   bash scripts/experiments/evidence.sh [MUDD_BIN] [RUNS_DIR] [PARTS]      (PARTS default "main long depth")
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 MUDD=${1:-.venv/bin/mudd}
 RUNS=${2:-runs/evidence}
 PARTS=${3:-main long depth}
@@ -29,14 +30,9 @@ MAIN_CONNECTIONS=residual,ddformer,mudd,attnres,hc
 run_part() {  # run_part NAME FOLDER ARGS...: restore, run, copy the small files to docs
   local name=$1 folder=$2; shift 2
   local out="$RUNS/$folder"
-  if [ ! -e "$out" ] && [ -f "$DOCS/$folder/compare.json" ]; then mkdir -p "$RUNS" && cp -r "$DOCS/$folder" "$out"; fi
+  restore_compare "$out" "$DOCS/$folder"
   echo "== $name: $out" && "$MUDD" compare "$@" --out "$out"
-  mkdir -p "$DOCS/$folder"
-  cp "$out"/compare.json "$out"/results.json "$out"/results.md "$out"/*.png "$DOCS/$folder/"
-  for run in "$out"/runs/*/seed*; do
-    dest="$DOCS/$folder/runs/$(basename "$(dirname "$run")")/$(basename "$run")"
-    mkdir -p "$dest" && cp "$run/metrics.jsonl" "$run/run.json" "$dest/"
-  done
+  keep_compare "$out" "$DOCS/$folder"
 }
 
 for part in $PARTS; do

@@ -7,20 +7,16 @@
 # small result files are copied: compare.json, results, each run's metrics.jsonl and run.json).
 #   bash scripts/experiments/lr_sweep.sh [MUDD_BIN] [RUNS_DIR]
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 MUDD=${1:-.venv/bin/mudd}
 RUNS=${2:-runs/lr-sweep}
 DOCS=docs/results/lr-sweep
 CONNECTIONS=residual,ddformer,mudd,attnres,hc
 for lr in 1e-3 2e-3 4e-3 8e-3; do
   out="$RUNS/lr$lr"
-  if [ ! -e "$out" ] && [ -f "$DOCS/lr$lr/compare.json" ]; then mkdir -p "$RUNS" && cp -r "$DOCS/lr$lr" "$out"; fi
+  restore_compare "$out" "$DOCS/lr$lr"
   "$MUDD" compare --preset tiny --set n_layer=6 --set dim=192 --set n_head=3 --connections "$CONNECTIONS" \
       --seeds 1 --steps 250 --batch-size 16 --seq-len 256 --lr "$lr" --eval-every 25 --eval-windows 64 \
       --out "$out" --no-progress
-  mkdir -p "$DOCS/lr$lr"
-  cp "$out/compare.json" "$out/results.json" "$out/results.md" "$DOCS/lr$lr/"
-  for run in "$out"/runs/*/seed*; do
-    dest="$DOCS/lr$lr/runs/$(basename "$(dirname "$run")")/$(basename "$run")"
-    mkdir -p "$dest" && cp "$run/metrics.jsonl" "$run/run.json" "$dest/"
-  done
+  keep_compare "$out" "$DOCS/lr$lr"
 done

@@ -11,6 +11,7 @@
 # not tested. Resumable like lr_sweep.sh; result files go to docs/results/mudd-recipe/<variant>.
 #   bash scripts/experiments/mudd_recipe_arm.sh [MUDD_BIN] [RUNS_DIR]
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 MUDD=${1:-.venv/bin/mudd}
 RUNS=${2:-runs/mudd-recipe}
 DOCS=docs/results/mudd-recipe
@@ -19,15 +20,10 @@ declare -A FLAGS=([default]="" [gen-lr-0.25]="--generator-lr-mult 0.25" [prepost
                   [cap10]="--set dense_cap=10")
 for variant in default gen-lr-0.25 prepost cap10; do
   out="$RUNS/$variant"
-  if [ ! -e "$out" ] && [ -f "$DOCS/$variant/compare.json" ]; then mkdir -p "$RUNS" && cp -r "$DOCS/$variant" "$out"; fi
+  restore_compare "$out" "$DOCS/$variant"
   # shellcheck disable=SC2086
   "$MUDD" compare --preset tiny --set n_layer=6 --set dim=192 --set n_head=3 --connections mudd --baseline mudd \
       --seeds 2 --steps 250 --batch-size 16 --seq-len 256 --lr "$LR" --eval-every 25 --eval-windows 64 \
       ${FLAGS[$variant]} --out "$out" --no-progress
-  mkdir -p "$DOCS/$variant"
-  cp "$out/compare.json" "$out/results.json" "$out/results.md" "$DOCS/$variant/"
-  for run in "$out"/runs/*/seed*; do
-    dest="$DOCS/$variant/runs/$(basename "$(dirname "$run")")/$(basename "$run")"
-    mkdir -p "$dest" && cp "$run/metrics.jsonl" "$run/run.json" "$dest/"
-  done
+  keep_compare "$out" "$DOCS/$variant"
 done

@@ -1,0 +1,16 @@
+# Shared by the experiment scripts: a `mudd compare` folder under RUNS mirrored by its small files under docs.
+
+# restore_compare OUT DOCS_FOLDER: on a fresh machine, start OUT from the finished runs kept in DOCS_FOLDER.
+restore_compare() {
+  if [ ! -e "$1" ] && [ -f "$2/compare.json" ]; then mkdir -p "$(dirname "$1")" && cp -r "$2" "$1"; fi
+}
+
+# keep_compare OUT DOCS_FOLDER: copy compare.json, the results and each run's metrics.jsonl and run.json.
+keep_compare() {
+  mkdir -p "$2"
+  cp "$1"/compare.json "$1"/results.json "$1"/results.md "$1"/*.png "$2/"
+  for run in "$1"/runs/*/seed*; do
+    dest="$2/runs/$(basename "$(dirname "$run")")/$(basename "$run")"
+    mkdir -p "$dest" && cp "$run/metrics.jsonl" "$run/run.json" "$dest/"
+  done
+}
