@@ -117,9 +117,16 @@ def chosen(cfg: MuddConfig, layer: int) -> tuple[list[str], list[int]] | None:
     multiway = cfg.connection in ("mudd", "mudd-static")
     names = ["r"] if not multiway or layer == L - 1 else list("qkvr")
     streams = [s for s in names if s in cfg.dense_streams] if multiway else names
-    allowed = range(L + 1) if cfg.dense_sources == "all" else [int(v) for v in cfg.dense_sources.split(",")]
-    sources = [j for j in range(newest) if j in allowed and (newest - j) % cfg.dense_dilation == 0] + [newest]
-    return (streams, sources) if streams else None
+    text, allowed = cfg.dense_sources, None
+    if ":" in text:  # per aggregation, "LAYER:STATES;...": unlisted aggregations read every state
+        table = {int(k) % L: v for k, _, v in (item.partition(":") for item in text.split(";"))}
+        text = table.get(layer, "all")
+    if text != "all":
+        allowed = [int(v) for v in text.split(",")]
+    sources = [j for j in range(newest) if (allowed is None or j in allowed) and (newest - j) % cfg.dense_dilation == 0]
+    if cfg.dense_mix == "replace" or allowed is None or newest in allowed:
+        sources.append(newest)
+    return (streams, sources) if streams and sources else None
 
 
 def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
@@ -130,9 +137,15 @@ def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
     rope = model.rope[: x.shape[1]][None]
     h = model.tok_embeddings(x)
     stored = [conn.pre_norms[0](h) if prepost else h]
-    inputs = h
+    inputs, value_mix = h, None
     for layer, block in enumerate(model.layers):
-        out = block(inputs, AttentionContext(rope=rope))
+        if value_mix is None:
+            out = block(inputs, AttentionContext(rope=rope))
+        else:  # the V mix joins the value projection's output (a hook, not the model's own path)
+            handle = block.attention.wv.register_forward_hook(lambda mod, args, v, extra=value_mix: v + extra)
+            out = block(inputs, AttentionContext(rope=rope))
+            handle.remove()
+            value_mix = None
         stored.append(conn.pre_norms[layer + 1](out) if prepost else out)
         plan = chosen(cfg, layer)
         if plan is None:
@@ -154,7 +167,15 @@ def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
         if prepost:
             mixed = {s: out + (conn.post_norms[layer](m) if s == "r" else m) for s, m in mixed.items()}
         elif cfg.dense_mix == "add":
-            mixed = {s: out + cfg.dense_add_scale * m for s, m in mixed.items()}
+            scale = cfg.dense_add_scale / (len(sources) ** 0.5 if cfg.dense_add_scale_by_sources else 1.0)
+            names = "qkvr" if cfg.connection.startswith("mudd") and layer < cfg.n_layer - 1 else "r"
+            gains = {s: cfg.dense_v_gain if s == "v" and names == "qkvr" else 1.0 for s in mixed}
+            if cfg.dense_v_after_proj and names == "qkvr":  # q, k, v read R; the V mix is added after W_v
+                value_mix = scale * gains["v"] * mixed.pop("v")
+            mixed = {s: out + scale * gains[s] * m for s, m in mixed.items()}
+            if cfg.dense_v_after_proj and names == "qkvr":
+                inputs = mixed.get("r", out)
+                continue
         names = "qkvr" if cfg.connection.startswith("mudd") and layer < cfg.n_layer - 1 else "r"
         full = [mixed.get(s, out) for s in names]
         inputs = tuple(full) if len(full) == 4 else full[0]

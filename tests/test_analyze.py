@@ -178,6 +178,20 @@ def test_sparse_weights_fill_only_the_cells_that_are_read():
             assert all(row[j] is None for j in range(5) if j not in agg.sources)
 
 
+def test_speedrun_form_reports_its_single_input_and_the_weights_it_reads():
+    model = build(n_layer=4, connection="mudd", dense_mix="add", dense_gen_norm=False, dense_layers="-2,-1",
+                  dense_sources="-2:0,1,3;-1:0,3", dense_streams="vr", dense_v_after_proj=True)
+    randomize_connection(model)
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(6))
+    report = analyze_model(model, [x], [], 2)
+    assert report["cosine_similarity"]["streams"] == ["x"]  # q, k and v read one input
+    weights = run_by_hand(model, x)[1]
+    for layer, stream, index in ((2, "v", 0), (2, "r", 1), (3, "r", 0)):
+        row = report["dense_weights"]["mean"][stream][layer]
+        mean = weights[layer][..., index, :].double().mean((0, 1)).tolist()
+        assert [row[j] for j in model.connection.plan[layer].sources] == pytest.approx(mean, rel=1e-6, abs=1e-7)
+
+
 # ---- helpers -----------------------------------------------------------------------------------------
 def test_sequences_and_sink_token_parsing():
     assert cut_sequences(list(range(10)), 4, 2).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -11,6 +11,12 @@ from safetensors.torch import load_file
 from conftest import ALL_CONNECTIONS, FIXTURE_NAMES, build, randomize_connection
 
 
+# The GPT-2 speedrun's additive form (per-aggregation sources, V mix after the projection) at build()'s 3 layers.
+SPEEDRUN_3 = dict(dense_mix="add", dense_gen_norm=False, dense_layers="-2,-1", dense_sources="-2:0,2;-1:0,2",
+                  dense_streams="vr", dense_hidden=16, dense_add_scale=0.2, dense_add_scale_by_sources=True,
+                  dense_v_gain=1.15, dense_v_after_proj=True)
+
+
 def model_for(connection="mudd", block="llama", **kw):
     model = build(block=block, connection=connection, **kw).eval()
     randomize_connection(model)
@@ -18,12 +24,19 @@ def model_for(connection="mudd", block="llama", **kw):
 
 
 @pytest.mark.parametrize("block", ["llama", "pythia"])
-@pytest.mark.parametrize("connection", ALL_CONNECTIONS)
+@pytest.mark.parametrize("connection", ALL_CONNECTIONS + ["mudd-speedrun"])
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_cached_decode_equals_full_forward_at_every_step(block, connection, kind):
     # In float64: the cached and full computations sum in different orders (a static cache attends over
     # all its slots), and float32 rounding of that reordering depends on the CPU's kernels.
-    model = model_for(connection, block).double()
+    if connection == "mudd-speedrun":
+        model = model_for("mudd", block, **SPEEDRUN_3)
+        with torch.no_grad():  # the additive form starts at zero: give its mix something to add
+            for b in model.connection.dense_bs.values():
+                b.normal_(0, 0.5)
+        model = model.double()
+    else:
+        model = model_for(connection, block).double()
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids).logits

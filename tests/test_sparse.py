@@ -1,4 +1,4 @@
-"""Sparse MUDD: layer, source and stream subsets, dilation and period, the trimmed preset."""
+"""Sparse MUDD: layer, source and stream subsets, dilation and period, the trimmed presets (last2, speedrun)."""
 
 import pytest
 import torch
@@ -105,8 +105,13 @@ def test_parameter_layout_of_a_sparse_model():
     assert [conn.multiway_input(layer) for layer in range(4)] == [False, False, True, False]
 
 
-def test_trimmed_preset():
-    cfg = MuddConfig.from_preset("mudd-trimmed-tiny")
+def test_last2_and_speedrun_presets():
+    cfg = MuddConfig.from_preset("mudd-speedrun-small")  # 8 layers: the record's {0, L-3, L-1} and {0, L-1}
+    assert (cfg.dense_layers, cfg.dense_sources, cfg.dense_streams, cfg.dense_mix) == ("-2,-1", "-2:0,5,7;-1:0,7", "vr", "add")
+    assert (cfg.dense_add_scale, cfg.dense_v_gain, cfg.dense_v_after_proj, cfg.dense_gen_norm) == (0.2, 1.15, True, False)
+    with pytest.raises(ConfigError, match="'mudd-trimmed-tiny' is now called 'mudd-last2-tiny'.*'mudd-speedrun-tiny'"):
+        MuddConfig.from_preset("mudd-trimmed-tiny")
+    cfg = MuddConfig.from_preset("mudd-last2-tiny")
     assert (cfg.dense_layers, cfg.dense_sources, cfg.dense_streams, cfg.dense_hidden) == ("-3,-2", "0,2,3", "vr", 64)
     with torch.device("meta"):
         model, base = MuddModel(cfg), MuddModel(MuddConfig.from_preset("tfm++-tiny", use_qk_norm=True))

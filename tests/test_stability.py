@@ -7,7 +7,7 @@ from muddformer import copy_shared_weights
 from muddformer.config import config_to_published
 from muddformer.errors import ConfigError
 
-from conftest import build, explicit_dense_forward, randomize_connection
+from conftest import assert_grads_close, build, explicit_dense_forward, loss_and_grads, randomize_connection
 
 CONTROLS = [dict(dense_cap=2.0), dict(dense_gen_scale=0.25), dict(dense_cap=0.5, dense_gen_scale=4.0)]
 
@@ -101,10 +101,20 @@ def test_prepost_norm_keeps_a_deep_models_states_bounded_where_plain_mudd_explod
     assert 1e3 < max(rms["cap"]) < max(rms["plain"])
 
 
+SPEEDRUN_4 = dict(dense_mix="add", dense_gen_norm=False, dense_layers="-2,-1", dense_sources="-2:0,1,3;-1:0,3",
+                  dense_streams="vr", dense_hidden=16, dense_add_scale=0.2, dense_add_scale_by_sources=True,
+                  dense_v_gain=1.15, dense_v_after_proj=True)
 ADDITIVE = [("mudd", dict(dense_mix="add")), ("ddformer", dict(dense_mix="add")), ("denseformer", dict(dense_mix="add")),
             ("mudd", dict(dense_mix="add", dense_add_scale=0.5, dense_gen_norm=False)),
             ("ddformer", dict(dense_mix="add", dense_add_scale=0.5, dense_gen_norm=False)),
-            ("mudd", dict(dense_mix="add", dense_streams="vr", dense_layers="-2,-1", dense_sources="0,2"))]
+            ("mudd", dict(dense_mix="add", dense_streams="vr", dense_layers="-2,-1", dense_sources="0,2")),
+            # the speedrun's whole form at n_layer 4: per-aggregation sources without the newest state after the
+            # last block, the scale over sqrt(sources), the V gain, the V mix after the value projection
+            ("mudd", SPEEDRUN_4),
+            ("mudd", {**SPEEDRUN_4, "dense_v_after_proj": False}),
+            ("mudd-static", {**SPEEDRUN_4, "dense_gen_norm": True}),
+            ("mudd", dict(dense_mix="add", dense_streams="qkvr", dense_sources="1:0,2;-1:0,1,3", dense_v_gain=2.0,
+                          dense_add_scale_by_sources=True))]
 
 
 @pytest.mark.parametrize("connection, options", ADDITIVE,
@@ -123,7 +133,50 @@ def test_additive_mix_starts_as_the_residual_model_and_matches_the_formula(conne
     (dict(dense_mix="sum"), "dense_mix='sum' is unknown"),
     (dict(dense_mix="add", connection="residual"), "apply to the dense connections"),
     (dict(dense_gen_norm=False, connection="denseformer"), "applies to the dynamic dense connections"),
+    (dict(dense_v_after_proj=True, dense_streams="vr"), "set dense_mix='add'"),
+    (dict(dense_add_scale_by_sources=True), "set dense_mix='add'"),
+    (dict(dense_mix="add", dense_v_after_proj=True, dense_streams="qvr"), "no 'q' or 'k'"),
+    (dict(dense_mix="add", dense_v_after_proj=True, dense_streams="r"), "with 'v'"),
+    (dict(dense_mix="add", dense_v_gain=1.15, connection="ddformer"), "scales the V stream's mix"),
+    (dict(dense_sources="-1:0;-1:1"), "once per aggregation"),
+    (dict(dense_sources="x:0"), "once per aggregation"),
+    (dict(dense_sources="7:0"), r"aggregation 7 is outside"),
+    (dict(dense_sources="1:0,9"), r"state 9 is outside"),
 ])
 def test_additive_mix_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         build(**options)
+
+
+def test_speedrun_form_layout_and_its_mix_scales():
+    """After block 2 of 4: v and r over states (0, 1, 3), scale 0.2/sqrt(3), V x 1.15, one input with the V mix
+    added after W_v; after block 3: r over (0, 3) only (the newest state 4 is the base, not mixed), 0.2/sqrt(2)."""
+    model = build(n_layer=4, **SPEEDRUN_4)
+    conn = model.connection
+    assert {k: tuple(b.shape) for k, b in conn.dense_bs.items()} == {"2": (2, 3), "3": (1, 2)}
+    assert [agg and agg.sources for agg in conn.plan] == [None, None, (0, 1, 3), (0, 3)]
+    assert conn.add_scales[2][2:] == pytest.approx([0.2 / 3 ** 0.5 * 1.15, 0.2 / 3 ** 0.5])
+    assert conn.add_scales[3][0] == pytest.approx(0.2 / 2 ** 0.5)
+    assert [conn.multiway_input(layer) for layer in range(4)] == [False] * 4
+    assert [g.norm is None and not g.input_norm for g in conn.dynamic_dense.values()] == [True, True]
+
+
+@pytest.mark.parametrize("impl", ["reference", "matmul"])
+def test_speedrun_form_recomputed_equals_stored(impl):
+    results = {}
+    for recompute in (False, True):
+        model = build(seed=4, n_layer=4, connection="mudd", mix_impl=impl, recompute_mix=recompute, **SPEEDRUN_4)
+        randomize_connection(model, scale=1.0)
+        results[recompute] = loss_and_grads(model, ids())
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-6, rtol=1e-6)
+    assert_grads_close(results[True][1], results[False][1])
+
+
+def test_speedrun_form_compiles_with_fullgraph():
+    model = build(n_layer=4, connection="mudd", **SPEEDRUN_4)
+    randomize_connection(model, scale=1.0)
+    x = ids()
+    loss, grads = loss_and_grads(model, x)
+    closs, cgrads = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"), x)
+    torch.testing.assert_close(closs, loss, atol=1e-5, rtol=1e-5)
+    assert_grads_close(cgrads, grads)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .layers import ValueAdded
 
 STREAMS = ("q", "k", "v", "r")
 SINGLE = "x"  # the name of the one input of a block that reads a single state
@@ -130,6 +131,8 @@ class _Recorder:
         return hook
 
     def _record_input(self, layer: int, x) -> None:
+        if isinstance(x, ValueAdded):  # the input q, k, v and the residual read; the V mix joins after W_v
+            x = x.x
         x = tuple(t.detach().clone() for t in x) if isinstance(x, tuple) else x.detach().clone()
         self.multiway |= isinstance(x, tuple)
         if self.previous is not None and layer > 0:

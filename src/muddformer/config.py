@@ -65,6 +65,12 @@ class MuddConfig:
     dense_mix: str = "replace"
     dense_add_scale: float = 0.1
     dense_gen_norm: bool = True  # RMSNorm (no weight) of the generator's input; the speedrun has none
+    # More of the speedrun's additive form (dense_mix="add" only): the scale divided by sqrt(sources read),
+    # its 0.2 / sqrt(L); an extra gain on the V stream's mix (its 1.15); the V mix added after the value
+    # projection, with q, k and v all reading the R stream (its "V-fusion"; a multiway connection without q/k streams).
+    dense_add_scale_by_sources: bool = False
+    dense_v_gain: float = 1.0
+    dense_v_after_proj: bool = False
     # Stability controls of the dynamic weights (mudd, ddformer); both leave a fresh model unchanged.
     dense_cap: float = 0.0  # tanh soft cap: dynamic weights w -> cap * tanh(w / cap); 0 = off (the MUDD authors' mudd_cap)
     dense_gen_scale: float = 1.0  # fixed multiplier on the generator's output, the dynamic part of the weights
@@ -73,7 +79,10 @@ class MuddConfig:
     mix_impl: str = "auto"  # depth mix: "reference" loop (bit-exact in bfloat16), "matmul", "triton", "compiled"; auto picks
     # Sparse dense connections (paper Fig. 9, the GPT-2 speedrun's trimmed MUDD); defaults are the full form.
     dense_layers: str = "all"  # aggregations to keep, by the block they follow: "all" or "0,5,-2" (negative from the end)
-    dense_sources: str = "all"  # states they may read: "all" or "0,3" (0 = embedding, j = block j-1's output); newest always
+    # States they may read (0 = embedding, j = block j-1's output): "all", "0,3" for every aggregation, or per aggregation
+    # "-2:0,8,10;-1:0,10" (by the block it follows; unlisted ones read all). The newest state is always read with
+    # dense_mix="replace"; with "add" it is the base of the sum and is also mixed only where listed (or "all").
+    dense_sources: str = "all"
     dense_streams: str = "qkvr"  # multiway streams that are mixed, e.g. "vr"; the others take the newest state
     dense_dilation: int = 1  # read every k-th state counting back from the newest
     dense_period: int = 1  # aggregate after every p-th block only (blocks p-1, 2p-1, ...)
@@ -174,9 +183,26 @@ class MuddConfig:
         for layer in [] if self.dense_layers == "all" else _int_list(self.dense_layers, "dense_layers"):
             if not -L <= layer < L:
                 raise ConfigError(f"MuddConfig.dense_layers: layer {layer} is outside [-{L}, {L}) for n_layer={L}")
-        for j in self.dense_source_set or ():
-            if not 0 <= j <= L:
-                raise ConfigError(f"MuddConfig.dense_sources: state {j} is outside [0, {L}] (0 = embedding, j = block j-1's output)")
+        for layer, sources in self._source_map().items():
+            if layer is not None and not -L <= layer < L:
+                raise ConfigError(f"MuddConfig.dense_sources: aggregation {layer} is outside [-{L}, {L}) for n_layer={L}")
+            for j in sources:
+                if not 0 <= j <= L:
+                    raise ConfigError(f"MuddConfig.dense_sources: state {j} is outside [0, {L}] "
+                                      "(0 = embedding, j = block j-1's output)")
+        additive_only = {"dense_add_scale_by_sources": self.dense_add_scale_by_sources, "dense_v_gain": self.dense_v_gain != 1.0,
+                         "dense_v_after_proj": self.dense_v_after_proj}
+        for name, used in additive_only.items():
+            if used and self.dense_mix != "add":
+                raise ConfigError(f"MuddConfig.{name} shapes the additive mix; set dense_mix='add' or drop it")
+        if self.dense_v_gain != 1.0 and (self.connection not in ("mudd", "mudd-static") or "v" not in self.dense_streams):
+            raise ConfigError("MuddConfig.dense_v_gain scales the V stream's mix: it needs connection mudd or mudd-static "
+                              f"with 'v' in dense_streams, got {self.connection!r} and {self.dense_streams!r}")
+        if self.dense_v_after_proj and (self.connection not in ("mudd", "mudd-static") or "v" not in self.dense_streams
+                                        or set("qk") & set(self.dense_streams)):
+            raise ConfigError(f"MuddConfig.dense_v_after_proj adds a V mix after the projection while q, k and v read the R "
+                              f"stream: it needs connection mudd or mudd-static and dense_streams with 'v' but no 'q' or 'k', "
+                              f"got {self.connection!r} and {self.dense_streams!r}")
         streams = self.dense_streams
         if not streams or set(streams) - set("qkvr") or len(set(streams)) != len(streams):
             raise ConfigError(f"MuddConfig.dense_streams={streams!r} must be distinct letters of 'qkvr', e.g. 'vr'")
@@ -194,9 +220,32 @@ class MuddConfig:
             return None
         return {i % self.n_layer for i in _int_list(self.dense_layers, "dense_layers")}
 
-    @property
-    def dense_source_set(self) -> set[int] | None:
-        return None if self.dense_sources == "all" else set(_int_list(self.dense_sources, "dense_sources"))
+    def _source_map(self) -> dict[int | None, set[int]]:
+        """dense_sources parsed: {None: states} for one list, {aggregation: states} per aggregation, {} for all."""
+        text = self.dense_sources.strip()
+        if text == "all":
+            return {}
+        if ":" not in text:
+            return {None: set(_int_list(text, "dense_sources"))}
+        out = {}
+        for item in text.split(";"):
+            layer, sep, states = item.partition(":")
+            try:
+                key = int(layer)
+            except ValueError:
+                key = None
+            if not sep or key is None or key in out:
+                raise ConfigError(f"MuddConfig.dense_sources={self.dense_sources!r}: write one list ('0,3') or "
+                                  "'LAYER:STATES' items once per aggregation, e.g. '-2:0,8,10;-1:0,10'")
+            out[key] = set(_int_list(states, "dense_sources"))
+        return out
+
+    def dense_sources_for(self, layer: int) -> set[int] | None:
+        """The states the aggregation after block `layer` may read (None: all), as dense_sources gives them."""
+        table = self._source_map()
+        if None in table:
+            return table[None]
+        return next((states for key, states in table.items() if key % self.n_layer == layer), None)
 
     @property
     def is_sparse(self) -> bool:
@@ -258,8 +307,11 @@ class MuddConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MuddConfig":
-        from .presets import PRESETS
+        from .presets import PRESETS, RENAMED
 
+        if name in RENAMED:
+            raise ConfigError(f"preset {name!r} is now called {RENAMED[name]!r} (same model); the GPT-2 speedrun's own "
+                              f"form is {RENAMED[name].replace('last2', 'speedrun')!r}")
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
@@ -268,10 +320,10 @@ class MuddConfig:
     def load(cls, path_or_preset: str | os.PathLike) -> "MuddConfig":
         """A preset name, a JSON file of fields, or a model folder (ours or published)."""
         from .checkpoints import read_folder_config
-        from .presets import PRESETS
+        from .presets import PRESETS, RENAMED
 
         path = os.fspath(path_or_preset)
-        if path in PRESETS:
+        if path in PRESETS or path in RENAMED:
             return cls.from_preset(path)
         if os.path.isdir(path):
             return read_folder_config(path)
@@ -348,7 +400,7 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
         problems.append(f"dense_norm={cfg.dense_norm!r} (the reference has no PrePostDANorm)")
     if (cfg.dense_cap, cfg.dense_gen_scale) != (0.0, 1.0):
         problems.append("dense_cap / dense_gen_scale (the reference uses the raw generator output)")
-    if cfg.dense_mix != "replace" or not cfg.dense_gen_norm:
+    if cfg.dense_mix != "replace" or not cfg.dense_gen_norm:  # (the other additive options need dense_mix='add')
         problems.append("dense_mix='add' or dense_gen_norm=False (the reference replaces the inputs and normalises "
                         "the generator's input)")
     if cfg.block == "llama" and cfg.rotary_pct != 1.0:

@@ -132,10 +132,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rope, self.rotary_dim), apply_rotary(k, rope, self.rotary_dim)
         return q.transpose(1, 2), k.transpose(1, 2)
 
-    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, ctx: AttentionContext,
+                value_add: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = xq.shape
         q, k = self.queries_and_keys(xq, xk, ctx.rope)
-        v = self.wv(xv).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.wv(xv) if value_add is None else self.wv(xv) + value_add
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx)
         if self.attn_impl == "reference":
@@ -171,7 +173,23 @@ class GeluMLP(nn.Module):
         return self.w2(F.gelu(self.w1(x)))
 
 
-BlockInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+@dataclass
+class ValueAdded:
+    """A single block input whose attention values get `value` added after the value projection
+    (the GPT-2 speedrun's V mix: q, k and v read norm(x), then v = W_v norm(x) + value)."""
+
+    x: torch.Tensor
+    value: torch.Tensor
+
+
+BlockInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | ValueAdded
+
+
+def residual_input(x: BlockInput) -> torch.Tensor:
+    """The stream a block adds its sub-layers to: XR of four streams, else the single input."""
+    if isinstance(x, tuple):
+        return x[3]
+    return x.x if isinstance(x, ValueAdded) else x
 
 
 class Block(nn.Module):
@@ -199,12 +217,12 @@ class Block(nn.Module):
         """The normalised query, key and value inputs (one shared tensor for a single input)."""
         if isinstance(x, tuple):
             return tuple(norm(s) for norm, s in zip(self.attention_norms, x[:3]))
-        normed = self.attention_norm(x)
+        normed = self.attention_norm(x.x if isinstance(x, ValueAdded) else x)
         return normed, normed, normed
 
     def attention_part(self, x: BlockInput, ctx: AttentionContext) -> torch.Tensor:
         """Pre-norm(s) and attention: the attention sub-layer's output, without the residual add."""
-        return self.attention(*self.attention_inputs(x), ctx)
+        return self.attention(*self.attention_inputs(x), ctx, value_add=x.value if isinstance(x, ValueAdded) else None)
 
     def finish(self, xr: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The block output from its residual input and attention output (adds the FFN sub-layer)."""
@@ -224,4 +242,4 @@ class Block(nn.Module):
         checkpointing, FSDP2's hooks and per-block compilation, which wrap the block call, applying."""
         if around is not None:
             return around.through_block(self, x, ctx)
-        return self.finish(x[3] if isinstance(x, tuple) else x, self.attention_part(x, ctx))
+        return self.finish(residual_input(x), self.attention_part(x, ctx))

@@ -56,26 +56,47 @@ for _size, _shape in _CPU.items():
     PRESETS[f"tfm++-{_size}"] = dict(block="llama", **_shape, **_TFMPP)
 
 
-def trimmed_mudd(n_layer: int) -> dict[str, Any]:
-    """The trimmed MUDD of the GPT-2 speedrun records: dense inputs for the last two blocks only, read
-    from the embedding, two middle states and the newest one, mixing only the value and residual
-    streams, with a 64-wide generator (its output starts at zero, so the model starts as a residual one)."""
+def last2_mudd(n_layer: int) -> dict[str, Any]:
+    """Sparse MUDD in the paper's form on the inputs of the last two blocks (after blocks L-3 and L-2), reading
+    the embedding, two middle states and the newest one, mixing only the value and residual streams, with a
+    64-wide generator. A cheap MUDD in the spirit of the GPT-2 speedrun's, not its form (see speedrun_mudd)."""
     middle = n_layer // 2
     return dict(connection="mudd", dense_layers="-3,-2", dense_sources=f"0,{middle},{middle + 1}", dense_streams="vr",
                 dense_hidden=64)
 
 
-for _size in ("tiny", "small"):  # the trimmed form needs three blocks or more
+def speedrun_mudd(n_layer: int) -> dict[str, Any]:
+    """The trimmed MUDD of the GPT-2 speedrun record (modded-nanogpt, 2026-04-22 MuddFormer, v1), at any depth.
+
+    Its 11-layer model mixes after block 9 (the last block's input) the embedding, block 7's and block 9's
+    outputs, and after block 10 (the final state before the head) the embedding and block 9's output: states
+    {0, L-3, L-1} and {0, L-1} here. Only the V and R streams; a 64-wide generator reading the raw block output
+    (no norm); W2 and the priors zero, the mix ADDED to the stream with scale 0.2 / sqrt(sources), the V mix
+    x 1.15 and added after the value projection, so q, k and v all read the R stream. Not followed: its W1
+    init (kaiming-uniform; ours N(0, 1/D)) and everything outside MUDD (its body and optimizer)."""
+    return dict(connection="mudd", dense_mix="add", dense_gen_norm=False, dense_layers="-2,-1",
+                dense_sources=f"-2:0,{n_layer - 3},{n_layer - 1};-1:0,{n_layer - 1}", dense_streams="vr", dense_hidden=64,
+                dense_add_scale=0.2, dense_add_scale_by_sources=True, dense_v_gain=1.15, dense_v_after_proj=True)
+
+
+for _size in ("tiny", "small"):  # both trimmed forms need three blocks or more
     _shape = _CPU[_size]
-    PRESETS[f"mudd-trimmed-{_size}"] = dict(block="llama", **_shape, ffn_schedule="constant",
-                                            **trimmed_mudd(_shape["n_layer"]))
-PRESETS["muddformer-trimmed-405m"] = dict(_PILE, block="llama", use_qk_norm=False, **_SCALING["405m"],
-                                          ffn_schedule="constant", **trimmed_mudd(_SCALING["405m"]["n_layer"]))
+    PRESETS[f"mudd-last2-{_size}"] = dict(block="llama", **_shape, ffn_schedule="constant", **last2_mudd(_shape["n_layer"]))
+    PRESETS[f"mudd-speedrun-{_size}"] = dict(block="llama", **_shape, ffn_schedule="constant",
+                                             **speedrun_mudd(_shape["n_layer"]))
+for _name, _form in (("last2", last2_mudd), ("speedrun", speedrun_mudd)):
+    PRESETS[f"muddformer-{_name}-405m"] = dict(_PILE, block="llama", use_qk_norm=False, **_SCALING["405m"],
+                                               ffn_schedule="constant", **_form(_SCALING["405m"]["n_layer"]))
+# Presets renamed since: the name a user may still type, and what it became.
+RENAMED = {f"mudd-trimmed-{size}": f"mudd-last2-{size}" for size in ("tiny", "small")}
+RENAMED["muddformer-trimmed-405m"] = "muddformer-last2-405m"
 PRESETS["muddpythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_MUDD)
 PRESETS["pythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_TFMPP)
 
 
 def _recipe_of(preset: str) -> str:
+    if "-speedrun-" in preset:  # the record's settings for the MUDD parameters on the size's own recipe
+        return "paper-405m-speedrun" if preset.endswith("-405m") else "cpu-speedrun"
     if preset in ("muddformer-2.8b", "tfm++-2.8b"):
         return "muddformer-2.8b"
     for size in ("1.4b", "2.8b"):

@@ -103,6 +103,15 @@ RECIPES: dict[str, Recipe] = {
     # Small models on the CPU (8k vocabulary, float32): the paper's recipe at a peak LR for their size.
     "cpu": Recipe("cpu", f"{_PAPER}, at lr 3e-3 for 1-10M-parameter models", lr=3e-3),
 }
+# The GPT-2 speedrun record's settings for the MUDD parameters (modded-nanogpt 2026-04-22 MuddFormer: W1, W2 and
+# the priors on Adam at lr x 0.25, betas (0.9, 0.99); its Adam weight decay is lr^2 x 0.005, negligible: none
+# here) on a size's own recipe; the rest of the record (NorMuon body, schedule) is not ours to follow.
+for _base in ("cpu", "paper-405m"):
+    RECIPES[f"{_base}-speedrun"] = dataclasses.replace(
+        RECIPES[_base], name=f"{_base}-speedrun", generator_lr_mult=0.25, prior_lr_mult=0.25, generator_beta2=0.99,
+        generator_weight_decay=0.0,
+        follows=RECIPES[_base].follows + "; the MUDD parameters as the GPT-2 speedrun's record: lr x 0.25, betas "
+                                         "(0.9, 0.99), no weight decay")
 
 
 def get_recipe(name: str) -> Recipe:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MuddConfig
 from ..kernels.depth_mix import UNBUFFERED, DepthBuffer, depth_mix_buffered
-from ..layers import BlockInput, RMSNorm, rms_norm_no_scale
+from ..layers import BlockInput, RMSNorm, ValueAdded, residual_input, rms_norm_no_scale
 from .base import Connection, DepthState
 
 
@@ -60,7 +60,7 @@ class Aggregation:
     """What the aggregation after one block mixes: stream positions of the next block's input and source states."""
 
     streams: tuple[int, ...]  # positions in (q, k, v, r), or (0,) for a single input
-    sources: tuple[int, ...]  # state indices, ascending; the newest state is always last
+    sources: tuple[int, ...]  # state indices, ascending (the newest state last where it is read)
 
 
 def aggregation_plan(cfg: MuddConfig, n_streams: int) -> list[Aggregation | None]:
@@ -70,10 +70,10 @@ def aggregation_plan(cfg: MuddConfig, n_streams: int) -> list[Aggregation | None
     (l+1) % p == 0), source states (`dense_sources`, `dense_dilation`: states l+1, l+1-k, ...) and
     multiway streams (`dense_streams`); the defaults select everything, the paper's full MUDD.
     """
-    L, layers, sources = cfg.n_layer, cfg.dense_layer_set, cfg.dense_source_set
+    L, layers = cfg.n_layer, cfg.dense_layer_set
     plan: list[Aggregation | None] = []
     for layer in range(L):
-        newest = layer + 1
+        newest, sources = layer + 1, cfg.dense_sources_for(layer)
         keep = (layers is None or layer in layers) and newest % cfg.dense_period == 0
         if n_streams == 1:
             streams = (0,)
@@ -82,7 +82,10 @@ def aggregation_plan(cfg: MuddConfig, n_streams: int) -> list[Aggregation | None
         else:
             streams = tuple(i for i, name in enumerate("qkvr") if name in cfg.dense_streams)
         src = tuple(j for j in range(newest) if (sources is None or j in sources) and (newest - j) % cfg.dense_dilation == 0)
-        plan.append(Aggregation(streams, src + (newest,)) if keep and streams else None)
+        # Replacing the inputs needs the newest state among the sources (the residual start); adding to it does not.
+        if cfg.dense_mix == "replace" or sources is None or newest in sources:
+            src += (newest,)
+        plan.append(Aggregation(streams, src) if keep and streams and src else None)
     return plan
 
 
@@ -96,8 +99,13 @@ class DenseConnection(Connection):
         super().__init__(cfg)
         L = cfg.n_layer
         self.prepost = cfg.dense_norm == "prepost"
-        self.additive, self.add_scale = cfg.dense_mix == "add", cfg.dense_add_scale
+        self.additive, self.v_after_proj = cfg.dense_mix == "add", cfg.dense_v_after_proj
         self.plan = aggregation_plan(cfg, self.n_streams)
+        # The additive form's factor on each aggregation's mix, per stream position (q, k, v, r).
+        self.add_scales = [None if agg is None else
+                           [cfg.dense_add_scale / (len(agg.sources) ** 0.5 if cfg.dense_add_scale_by_sources else 1.0)
+                            * (cfg.dense_v_gain if c == 2 and self.input_streams(layer) == 4 else 1.0) for c in range(4)]
+                           for layer, agg in enumerate(self.plan)]
         kept = {layer: agg for layer, agg in enumerate(self.plan) if agg is not None}
         # The streams each aggregation mixes ([4, 4, ..., 1] for full MUDD; 0 where none).
         self.streams = [len(agg.streams) if agg else 0 for agg in self.plan]
@@ -134,7 +142,8 @@ class DenseConnection(Connection):
         return 4 if self.n_streams == 4 and layer < self.n_layer - 1 else 1
 
     def multiway_input(self, layer: int) -> bool:
-        return layer >= 1 and self.plan[layer - 1] is not None and self.input_streams(layer - 1) == 4
+        return (layer >= 1 and self.plan[layer - 1] is not None and self.input_streams(layer - 1) == 4
+                and not self.v_after_proj)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -222,7 +231,11 @@ class DenseConnection(Connection):
                        gen_input + (self.post_norms[layer](by_position[c]) if c == n_out - 1 else by_position[c])
                        for c in range(n_out)]
         elif self.additive:  # the newest state plus the scaled mix (the speedrun's form)
-            streams = [gen_input + self.add_scale * by_position[c] if c in by_position else gen_input
+            scales = self.add_scales[layer]
+            if self.v_after_proj and n_out == 4:  # q, k, v read the R stream; the V mix joins after W_v
+                r = gen_input + scales[3] * by_position[3] if 3 in by_position else gen_input
+                return ValueAdded(r, scales[2] * by_position[2])
+            streams = [gen_input + scales[c] * by_position[c] if c in by_position else gen_input
                        for c in range(n_out)]
         else:  # streams that are not mixed take the newest state, as in a residual model
             streams = [by_position.get(c, gen_input) for c in range(n_out)]
@@ -243,10 +256,11 @@ class DenseConnection(Connection):
 
         def normed_inputs(gen_input: torch.Tensor, *states: torch.Tensor):
             x = self.next_inputs(buffer, list(states), p.layer, gen_input)
-            return (*block.attention_inputs(x), x[3] if isinstance(x, tuple) else x)
+            value = (x.value,) if isinstance(x, ValueAdded) else ()
+            return (*block.attention_inputs(x), residual_input(x), *value)
 
-        nq, nk, nv, xr = checkpoint(normed_inputs, p.gen_input, *states, use_reentrant=False)
-        return block.finish(xr, block.attention(nq, nk, nv, ctx))
+        nq, nk, nv, xr, *value = checkpoint(normed_inputs, p.gen_input, *states, use_reentrant=False)
+        return block.finish(xr, block.attention(nq, nk, nv, ctx, value_add=value[0] if value else None))
 
 
 @dataclass
