@@ -3,7 +3,10 @@
 import json
 import math
 import os
+import runpy
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +275,33 @@ def test_report_from_the_small_files_alone(small_data, tmp_path, capsys):
     assert err.count("\n") == 1 and "1 runs of" in err and str(kept / "runs" / "mudd" / "seed1") in err
     assert main(["compare", "--report", "--out", str(tmp_path)]) == 2
     assert "holds no compare.json" in capsys.readouterr().err
+
+
+def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, capsys):
+    """scripts/experiments/evidence_report.py (the docs/results.md tables) on tiny stand-ins of its folders."""
+    root = tmp_path / "evidence"
+    for part, connections in (("main", "residual,ddformer,mudd"), ("depth", "residual,mudd")):
+        args = compare_args(small_data, root / part, steps="2", eval_every="1")
+        args[args.index("residual,mudd")] = connections
+        assert main(args + ["--lr-for", "mudd=2e-3"]) == 0
+    capsys.readouterr()
+    script = Path(__file__).parents[1] / "scripts" / "experiments" / "evidence_report.py"
+    argv, sys.argv = sys.argv, [str(script), str(root)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    printed = capsys.readouterr().out
+    summary = json.loads((root / "summary.json").read_text())
+    results = json.loads((root / "main" / "results.json").read_text())
+    mudd, res = (results["connections"][n]["final_val_loss"] for n in ("mudd", "residual"))
+    assert summary["mudd_vs"]["residual"]["delta"] == pytest.approx(sum(mudd) / 2 - sum(res) / 2)
+    assert summary["mudd_vs"]["ddformer"]["p"] == results["pairwise_welch"]["mudd"]["ddformer"]["p"]
+    assert set(summary["targets"]) == {"p < 0.01 against residual", "seed std <= 2x residual's",
+                                       "compute multiplier >= 1.5"}
+    depth = json.loads((root / "depth" / "results.json").read_text())["connections"]
+    gain_18 = depth["mudd"]["mean"] - depth["residual"]["mean"]
+    assert summary["depth"]["gain_18"][0] == pytest.approx(gain_18)
+    assert summary["depth"]["difference"] == pytest.approx(gain_18 - summary["depth"]["gain_6"][0])
+    mudd_row = next(line for line in printed.splitlines() if line.startswith("| mudd | "))
+    assert " | 0.002 | " in mudd_row and "| 18 layers, dim 112 |" in printed  # its own LR; the depth row
