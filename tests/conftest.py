@@ -130,7 +130,7 @@ def chosen(cfg: MuddConfig, layer: int) -> tuple[list[str], list[int]] | None:
 
 
 def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
-    """The dense computation written out from spec §2.2 / §2.8 and the sparse options' documented meaning,
+    """The dense computation written out from architecture §2.2 / §2.8 and the sparse options' documented meaning,
     independent of the connection classes: unselected aggregations and streams pass the newest state on."""
     cfg, conn = model.config, model.connection
     prepost = cfg.dense_norm == "prepost"

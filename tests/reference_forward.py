@@ -1,10 +1,10 @@
-"""The reference implementation's forward pass (spec §2), written out in plain tensor operations.
+"""The reference implementation's forward pass (architecture §2), written out in plain tensor operations.
 
 Independent of muddformer's modules: it reads a published folder's config.json and safetensors by
-their published key names and runs every operation in the order and dtype the reference does (spec
-§2.2–2.5, §7.7). On one machine, muddformer's reference-arithmetic path must give bit-identical
-bfloat16 logits; the fixtures' logits_bf16 were made on another CPU, whose bfloat16 kernels may
-round differently.
+their published key names and runs every operation in the order and dtype the reference does
+(architecture §2.2, §2.3, §2.4, §2.5, §2.6). On one machine, muddformer's reference-arithmetic path
+must give bit-identical bfloat16 logits; the fixtures' logits_bf16 were made on another CPU, whose
+bfloat16 kernels may round differently.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from muddformer import ConfigError, MuddConfig
 from muddformer.config import config_from_published, config_to_published
 from muddformer.presets import PRESETS
 
-# spec §2.3: the paper's linear FFN re-allocation of the three published models.
+# architecture §2.3: the paper's linear FFN re-allocation of the three published models.
 SPEC_WIDTHS = {
     "muddformer-2.8b": [3456, 3712, 3840, 4096, 4352, 4608, 4736, 4992, 5248, 5504, 5632, 5888, 6144, 6400, 6528, 6784,
                         7040, 7296, 7424, 7680, 7936, 8192, 8320, 8576, 8832, 9088, 9216, 9472, 9728, 9984, 10112, 10368],
@@ -19,7 +19,7 @@ SPEC_WIDTHS = {
 
 
 @pytest.mark.parametrize("name", list(SPEC_WIDTHS))
-def test_linear_ffn_widths_match_spec(name):
+def test_linear_ffn_widths_match_the_published_models(name):
     cfg = MuddConfig.from_preset(name)
     assert cfg.ffn_widths == SPEC_WIDTHS[name]
     assert sum(cfg.ffn_widths) == cfg.n_layer * cfg.intermediate_size

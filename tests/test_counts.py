@@ -1,4 +1,4 @@
-"""Parameter counts and tensor shapes of the published models, built on the meta device (spec §3.2)."""
+"""Parameter counts and tensor shapes of the published models, built on the meta device (architecture §3.2)."""
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ from muddformer.train import TrainConfig, lr_at
 from conftest import ALL_CONNECTIONS, assert_one_line_error, build
 
 
-def test_every_preset_names_a_recipe_and_the_paper_values_are_spec_5():
+def test_every_preset_names_a_recipe_and_the_paper_values_are_table_2s():
     assert set(PRESET_RECIPES) == set(PRESETS) and set(PRESET_RECIPES.values()) <= set(RECIPES)
     for size, lr in (("405m", 3e-4), ("834m", 2.5e-4), ("1.4b", 2e-4), ("deepnarrow-797m", 2.5e-4),
                      ("deepnarrow-1.34b", 2e-4)):

@@ -5,7 +5,7 @@ Every figure is a ratio to the baseline measured in the same process, interleavi
 noise. Measured per connection: a training step (forward, backward, AdamW), prefill, cached decode,
 memory (CUDA: peak allocated; everywhere: the exact bytes of activations saved for backward, counted
 with saved-tensor hooks), and the depth mixing alone: one training step's worth of mixes, forward
-and backward, ours against the naive per-state loop of the reference (spec §2.6).
+and backward, ours against the naive per-state loop of the reference (architecture §2.6).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Our format: config.json (MuddConfig fields plus `"mudd_format": 1`) and model.safetensors, or
 shards model-0000i-of-0000N.safetensors with model.safetensors.index.json. Tensor names are the
-core model's state-dict names. The published format (spec §3) has the reference's config.json and
+core model's state-dict names. The published format (architecture §3) has the reference's config.json and
 the same names except that the connection's tensors have no `connection.` prefix.
 
 Every file is written atomically (temporary name, then rename), so a crash never leaves a half

@@ -263,7 +263,7 @@ class MuddConfig:
 
     @property
     def ffn_widths(self) -> list[int]:
-        """Per-layer FFN width: constant, or the paper's linear re-allocation (spec §2.3).
+        """Per-layer FFN width: constant, or the paper's linear re-allocation (architecture §2.3).
 
         H_l = round(intermediate_size * (l/(L-1) + 0.5) / 128) * 128 with Python's round-half-to-even.
         """
@@ -345,7 +345,7 @@ def _allowed_types(hint: Any) -> tuple[type, ...]:
     return tuple(a for a in args) if args else (hint,)
 
 
-# The published config.json fields (spec §3.1) that describe the computation.
+# The published config.json fields (architecture §3.1) that describe the computation.
 _PUBLISHED_REQUIRED = ("vocab_size", "n_layer", "n_head", "dim", "block_size")
 
 
@@ -388,7 +388,7 @@ def config_from_published(d: dict[str, Any]) -> MuddConfig:
 
 
 def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-    """The published config.json for a model the reference code can compute (spec §3.1)."""
+    """The published config.json for a model the reference code can compute (architecture §3.1)."""
     problems = []
     if cfg.connection != "mudd":
         problems.append(f"connection={cfg.connection!r} (the published layout holds 'mudd' models)")

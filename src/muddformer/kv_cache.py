@@ -1,5 +1,5 @@
 """Key/value caches for decoding. MUDD mixes states over depth at one position, never over time,
-so the attention keys and values are the only memory of earlier tokens (spec §4)."""
+so the attention keys and values are the only memory of earlier tokens (architecture §4)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm_no_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The dense-weight generator's norm: no weight and no float32 upcast (spec §2.2)."""
+    """The dense-weight generator's norm: no weight and no float32 upcast (architecture §2.2)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
@@ -43,7 +43,7 @@ def rotary_table(cfg: MuddConfig, device: torch.device | str | None = None) -> t
     """cos/sin for positions [0, block_size) as a (block_size, rotary_dim/2, 2) float32 tensor.
 
     Computed in float32, then rounded through `rope_table_dtype`: the published models use a
-    bfloat16 (MUDDFormer) or float16 (MUDDPythia) table, which moves scores measurably (spec §2.5).
+    bfloat16 (MUDDFormer) or float16 (MUDDPythia) table, which moves scores measurably (architecture §2.5).
     """
     n = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, n, 2, device=device)[: n // 2].float() / n))
@@ -57,7 +57,7 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch
     the cos/sin at each token's position.
 
     The reference writes the rotated pairs interleaved; the same permutation hits q and k, so
-    attention scores are identical to this contiguous layout (spec §2.5).
+    attention scores are identical to this contiguous layout (architecture §2.5).
     """
     half = rotary_dim // 2
     xf = x[..., :rotary_dim].float()
@@ -90,7 +90,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softm
     """Attention computed as the reference implementation does, for bit-parity in 16-bit dtypes.
 
     Scores in the model dtype; the llama family casts them to float32 for the masked softmax and
-    back, the pythia family softmaxes in the model dtype (spec §2.3, §2.4). mask None = causal.
+    back, the pythia family softmaxes in the model dtype (architecture §2.3, §2.4). mask None = causal.
     """
     if mask is None:
         T = q.shape[-2]
@@ -196,7 +196,7 @@ class Block(nn.Module):
     """One transformer block fed by a connection.
 
     Input is one state (used for q, k, v and the residual) or four streams (XQ, XK, XV, XR). With
-    four streams, Q, K and V each get their own pre-norm and XR stays un-normalised (spec §2.3).
+    four streams, Q, K and V each get their own pre-norm and XR stays un-normalised (architecture §2.3).
     llama: h = XR + Attn; out = h + FFN(norm(h)).  pythia: out = XR + Attn + FFN(norm(XR)).
     """
 

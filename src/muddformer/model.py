@@ -1,6 +1,6 @@
 """The plain-PyTorch model: embed -> blocks fed by a connection -> norm -> untied head.
 
-It knows nothing about parallelism, checkpoints or Hugging Face (DESIGN.md ideas 3 and 5).
+It knows nothing about parallelism, checkpoints or Hugging Face (architecture, ideas 3 and 5).
 """
 
 from __future__ import annotations

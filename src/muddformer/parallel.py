@@ -1,4 +1,4 @@
-"""Applied from outside the model (DESIGN.md idea 3): distributed setup, activation checkpointing,
+"""Applied from outside the model (architecture, idea 3): distributed setup, activation checkpointing,
 torch.compile, DDP and FSDP2, in that order (as torchtitan's parallelize does).
 """
 

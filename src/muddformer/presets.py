@@ -15,7 +15,7 @@ _TFMPP = dict(connection="residual", ffn_schedule="constant", use_qk_norm=False)
 _MUDD = dict(connection="mudd", ffn_schedule="linear")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The three published checkpoints (spec §3.1).
+    # The three published checkpoints (architecture §3.1).
     "muddformer-2.8b": dict(_PILE, block="llama", n_layer=32, dim=2560, n_head=32, intermediate_size=6912,
                             bos_token_id=1, eos_token_id=2, **_MUDD),
     "muddpythia-1.4b": dict(_PILE, block="pythia", n_layer=24, dim=2048, n_head=16, intermediate_size=8192,
@@ -30,9 +30,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                         bos_token_id=0, eos_token_id=0, **_TFMPP),
 }
 
-# The paper's scaling sizes (spec §5, Table 2). MUDD uses PrePostDANorm: the official training
+# The paper's scaling sizes (architecture §5, Table 2). MUDD uses PrePostDANorm: the official training
 # configuration of the 405M model (MaxText exp.py MUDDLlama2Medium: mudd_prenorm, mudd_postnorm) and
-# the paper's DeepNarrow runs (spec §2.8, §8).
+# the paper's DeepNarrow runs (architecture §2.8, §8).
 _SCALING = {
     "405m": dict(n_layer=24, dim=1024, n_head=16),
     "834m": dict(n_layer=24, dim=1536, n_head=24),

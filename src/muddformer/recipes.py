@@ -85,20 +85,20 @@ class Recipe:
 
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "follows"))
 
-_PAPER = "the MUDD paper's recipe (spec §5): AdamW (0.9, 0.95), wd 0.1, clip 1.0, 1 % warm-up, cosine to 10 %"
+_PAPER = "the MUDD paper's recipe (docs/architecture.md §5): AdamW (0.9, 0.95), wd 0.1, clip 1.0, 1 % warm-up, cosine to 10 %"
 RECIPES: dict[str, Recipe] = {
     # The paper's scaling runs: 0.5M-token batches of 2048-token sequences, bfloat16; each size's peak LR (Table 2).
     **{f"paper-{size}": Recipe(f"paper-{size}", f"{_PAPER}, lr {lr:g}, batch 256 x 2048", lr=lr, seq_len=2048,
                                global_batch=256, dtype="bfloat16")
        for size, lr in (("405m", 3e-4), ("834m", 2.5e-4), ("1.4b", 2e-4), ("deepnarrow-797m", 2.5e-4),
                         ("deepnarrow-1.34b", 2e-4))},
-    # The released checkpoints (spec §5): MUDDFormer-2.8B cosine from 3.2e-4 to 3.2e-6; MUDDPythia at
+    # The released checkpoints (architecture §5): MUDDFormer-2.8B cosine from 3.2e-4 to 3.2e-6; MUDDPythia at
     # Pythia's peak LRs; 2M-token batches (other Pythia settings are not in the spec: the paper's stand in).
-    "muddformer-2.8b": Recipe("muddformer-2.8b", "spec §5 MUDDFormer-2.8B: lr 3.2e-4 cosine to 3.2e-6; otherwise the paper's",
+    "muddformer-2.8b": Recipe("muddformer-2.8b", "docs/architecture.md §5 MUDDFormer-2.8B: lr 3.2e-4 cosine to 3.2e-6; otherwise the paper's",
                               lr=3.2e-4, min_lr_ratio=0.01, seq_len=2048, global_batch=1024, dtype="bfloat16"),
-    "pythia-1.4b": Recipe("pythia-1.4b", "spec §5 MUDDPythia-1.4B: Pythia's peak lr 2e-4; otherwise the paper's",
+    "pythia-1.4b": Recipe("pythia-1.4b", "docs/architecture.md §5 MUDDPythia-1.4B: Pythia's peak lr 2e-4; otherwise the paper's",
                           lr=2e-4, seq_len=2048, global_batch=1024, dtype="bfloat16"),
-    "pythia-2.8b": Recipe("pythia-2.8b", "spec §5 MUDDPythia-2.8B: Pythia's peak lr 1.6e-4; otherwise the paper's",
+    "pythia-2.8b": Recipe("pythia-2.8b", "docs/architecture.md §5 MUDDPythia-2.8B: Pythia's peak lr 1.6e-4; otherwise the paper's",
                           lr=1.6e-4, seq_len=2048, global_batch=1024, dtype="bfloat16"),
     # Small models on the CPU (8k vocabulary, float32): the paper's recipe at a peak LR for their size.
     "cpu": Recipe("cpu", f"{_PAPER}, at lr 3e-3 for 1-10M-parameter models", lr=3e-3),

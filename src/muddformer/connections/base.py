@@ -1,4 +1,4 @@
-"""The interface every connection implements (DESIGN.md idea 1).
+"""The interface every connection implements (architecture, idea 1).
 
 A connection decides what each block reads. The body loop is the same for all of them:
 

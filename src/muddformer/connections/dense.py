@@ -2,13 +2,13 @@
 
 After block l, the inputs of block l+1 are weighted sums of every stored state X_0..X_{l+1}
 (X_0 = embedding, X_{j+1} = output of block j). The weights are a static prior a_l (`dense_bs`),
-plus, for dynamic variants, a per-token MLP of the newest state (spec §2.2):
+plus, for dynamic variants, a per-token MLP of the newest state (architecture §2.2):
 
     dw = W2 @ GELU(W1 @ RMSNormNoScale(X_{l+1})) + a_l      # (C, B, T, l+2)
     stream c = sum_j dw[c, ..., j] * X_j
 
 C = 4 streams (q, k, v, r) for multiway variants, 1 for single-way; the last layer is always
-R only. Initialisation (spec §2.8): W2 = 0 and a_l one-hot on the newest state, so a fresh model
+R only. Initialisation (architecture §2.8): W2 = 0 and a_l one-hot on the newest state, so a fresh model
 computes exactly what a residual model computes.
 """
 
@@ -28,7 +28,7 @@ from .base import Connection, DepthState
 
 
 def generator_width(n_streams: int, n_states: int, last: bool, expand_last: bool, round64: bool) -> int:
-    """Hidden width K_l of the weight generator (spec §2.2); round64 always adds a block (64 -> 128)."""
+    """Hidden width K_l of the weight generator (architecture §2.2); round64 always adds a block (64 -> 128)."""
     width = n_streams * n_states
     if last and expand_last:
         width *= 4
@@ -251,7 +251,7 @@ class DenseConnection(Connection):
 
     def through_block(self, block: nn.Module, pending: tuple, ctx) -> torch.Tensor:
         """Block inputs recomputed in backward: only the stored states and the generator input are kept,
-        not the mixed streams, their normalised copies or the generator's activations (spec §5 memory)."""
+        not the mixed streams, their normalised copies or the generator's activations (architecture §5 memory)."""
         buffer, states, p = pending
 
         def normed_inputs(gen_input: torch.Tensor, *states: torch.Tensor):

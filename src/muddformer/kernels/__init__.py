@@ -1,4 +1,4 @@
-"""The depth-wise weighted sum over stored states: MUDD's one hot spot (DESIGN.md idea 4)."""
+"""The depth-wise weighted sum over stored states: MUDD's one hot spot (architecture, idea 4)."""
 
 from .depth_mix import depth_mix, depth_mix_reference
 

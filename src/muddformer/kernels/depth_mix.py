@@ -1,4 +1,4 @@
-"""depth_mix: stream c = sum_j w[..., c, j] * X_j, the weighted sum over stored states (spec §2.6).
+"""depth_mix: stream c = sum_j w[..., c, j] * X_j, the weighted sum over stored states (architecture §2.6).
 
 Weights have shape (B, T, C, N), or (1, 1, C, N) for static weights; states are N tensors (B, T, D).
 

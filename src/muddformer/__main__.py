@@ -1,0 +1,7 @@
+"""`python -m muddformer COMMAND` (and `torchrun -m muddformer train ...`): the `mudd` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
