@@ -86,6 +86,18 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     assert losses(full)[-1] == losses(broken)[-1]
 
 
+def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_path):
+    args = SMALL + ["--data", str(play_data), "--save-every", "4", "--eval-every", "100", "--sample-tokens", "0"]
+    run = tmp_path / "run"
+    assert run_cli(args + ["--max-steps", "4", "--out", str(run)]).returncode == 0
+    faster = ["--set", "recompute_mix=true", "--set", "mix_impl=reference", "--set", "attn_impl=reference"]
+    resumed = run_cli(args + faster + ["--max-steps", "8", "--out", str(run)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    refused = run_cli(args + ["--set", "dense_hidden=16", "--max-steps", "12", "--out", str(run)])
+    assert refused.returncode == 2 and "different config" in refused.stderr
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--save-every", "4", "--eval-every", "100", "--keep-checkpoints", "5"]
     ref, run = tmp_path / "ref", tmp_path / "run"

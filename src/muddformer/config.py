@@ -27,6 +27,8 @@ ATTN_IMPLS = ("sdpa", "reference")
 DENSE_FAMILY = ("mudd", "ddformer", "denseformer", "mudd-static")  # connections/dense.py
 DYNAMIC_DENSE = ("mudd", "ddformer")  # the dense connections with a weight generator
 MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # implemented in kernels/depth_mix.py
+# How a model computes rather than what (architecture, idea 7): a run may change them, e.g. on resume.
+EXECUTION_FIELDS = ("attn_impl", "mix_impl", "recompute_mix")
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -300,6 +302,10 @@ class MuddConfig:
         if not isinstance(d, dict):
             raise ConfigError("config JSON must be an object of MuddConfig fields")
         return cls.from_dict(d)
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide what the model computes: every field but the EXECUTION_FIELDS."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
     def replace(self, **changes: Any) -> "MuddConfig":
         """A copy with some fields changed (validated like a new config)."""

@@ -103,7 +103,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
         saved_cfg = checkpoints.read_folder_config(str(folder))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {folder} is incomplete or corrupt ({e})") from None
-    if saved_cfg != core_config:
+    if saved_cfg.architecture() != core_config.architecture():  # the execution fields may change on resume
         raise CheckpointError(f"checkpoint {folder} holds a model with a different config; "
                               "use another --out for a new run, or the same options to resume")
     tensors = checkpoints.read_tensors(str(folder))
