@@ -4,6 +4,7 @@
 #   make test-latest               a fresh venv with the newest versions the ranges allow; the upstream-API tests
 #   make test-oldest               a fresh venv with the oldest versions the ranges allow; the upstream-API tests
 #   make test-transformers         the upstream-API tests under each of TRANSFORMERS_VERSIONS, the rest as locked
+#   make lint                      ruff's lint and format checks (pinned RUFF; `make format` applies the formatter)
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -16,11 +17,12 @@ LOCAL_WHEELS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/nul
 PIP_TORCH_SOURCE ?= $(if $(LOCAL_WHEELS),--find-links $(LOCAL_WHEELS),--extra-index-url $(TORCH_INDEX))
 UV_TORCH_SOURCE ?= $(if $(LOCAL_WHEELS),--find-links $(LOCAL_WHEELS),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
 UV ?= uv==0.13.9
+RUFF ?= ruff==0.17.6
 TOOLS = .venv-tools
 UPSTREAM_TESTS = $(BIN)/python -m pytest tests -q -m upstream
 SHOW_VERSIONS = $(BIN)/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|tokenizers|safetensors|lm.eval|huggingface.hub|accelerate|numpy|triton)=='
 
-.PHONY: install test train lock test-latest test-oldest test-transformers clean
+.PHONY: install test train lint format lock test-latest test-oldest test-transformers clean
 
 install: $(VENV)/.installed
 
@@ -32,7 +34,7 @@ $(VENV)/.installed: $(LOCK) pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest tests -q
 
 # The main job: the tiny MUDDFormer on the bundled Shakespeare corpus, on the CPU.
@@ -42,8 +44,16 @@ train: install
 $(TOOLS)/.installed: Makefile
 	rm -rf $(TOOLS)
 	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/python -m pip install -q "$(UV)"
+	$(TOOLS)/bin/python -m pip install -q "$(UV)" "$(RUFF)"
 	touch $@
+
+lint: $(TOOLS)/.installed
+	$(TOOLS)/bin/ruff check .
+	$(TOOLS)/bin/ruff format --check .
+
+format: $(TOOLS)/.installed
+	$(TOOLS)/bin/ruff check --fix .
+	$(TOOLS)/bin/ruff format .
 
 # Every package pinned, for the Python that runs make; `lowest` is the same with the oldest allowed versions.
 lock: $(TOOLS)/.installed

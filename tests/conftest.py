@@ -19,12 +19,24 @@ FIXTURE_NAMES = ["mf_tiny", "mp_tiny"]
 # Logit tolerances stated in each fixture's README.txt.
 FIXTURE_TOL = {"mf_tiny": 2e-5, "mp_tiny": 1e-5}
 DENSE_CONNECTIONS = ["residual", "mudd", "ddformer", "denseformer", "mudd-static"]  # residual and the dense family
-RIVAL_CONNECTIONS = ["hc", "mhc", "attnres", "attnres-block"]  # act around each sub-layer (connections/hyper.py, attn_residual.py)
+RIVAL_CONNECTIONS = [
+    "hc",
+    "mhc",
+    "attnres",
+    "attnres-block",
+]  # act around each sub-layer (connections/hyper.py, attn_residual.py)
 ALL_CONNECTIONS = DENSE_CONNECTIONS + RIVAL_CONNECTIONS
 # Modules whose tests call dependencies' APIs that drift between releases (transformers, generation, lm-eval,
 # safetensors, tokenizers, triton, parity): marked `upstream`, run by `make test-latest` and `make test-oldest`.
-UPSTREAM_MODULES = {"test_dependencies", "test_hf_eval", "test_generation", "test_parity", "test_refusals", "test_data",
-                    "test_triton_kernel"}
+UPSTREAM_MODULES = {
+    "test_dependencies",
+    "test_hf_eval",
+    "test_generation",
+    "test_parity",
+    "test_refusals",
+    "test_data",
+    "test_triton_kernel",
+}
 
 
 def pytest_collection_modifyitems(items):
@@ -36,7 +48,9 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"reference fixtures not found at {FIXTURES}; set MUDD_FIXTURES to the shared/fixtures/official folder")
+        pytest.fail(
+            f"reference fixtures not found at {FIXTURES}; set MUDD_FIXTURES to the shared/fixtures/official folder"
+        )
     return FIXTURES
 
 
@@ -85,6 +99,7 @@ def run_cli(capsys):
         code = main([str(a) for a in args])
         out = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out.out, out.err)
+
     return run
 
 
@@ -129,6 +144,34 @@ def chosen(cfg: MuddConfig, layer: int) -> tuple[list[str], list[int]] | None:
     return (streams, sources) if streams and sources else None
 
 
+def nano_run(data, out, **overrides):
+    """A TrainConfig of a few quiet steps of the nano preset (no progress bar, sample or TensorBoard)."""
+    from muddformer.train import TrainConfig
+
+    base = dict(
+        preset="nano",
+        data=str(data),
+        out=str(out),
+        max_steps=2,
+        batch_size=2,
+        seq_len=16,
+        eval_every=2,
+        save_every=2,
+        eval_windows=2,
+        sample_tokens=0,
+        tensorboard=False,
+        progress=False,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def speedrun_options(n_layer: int, hidden: int = 16) -> dict:
+    """The GPT-2 speedrun's MUDD form (presets.speedrun_mudd) as build() options, with a narrower generator."""
+    from muddformer.presets import speedrun_mudd
+
+    return {k: v for k, v in speedrun_mudd(n_layer).items() if k != "connection"} | {"dense_hidden": hidden}
+
+
 def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
     """The dense computation written out from architecture §2.2 / §2.8 and the sparse options' documented meaning,
     independent of the connection classes: unselected aggregations and streams pass the newest state on."""
@@ -162,8 +205,10 @@ def explicit_dense_forward(model: MuddModel, x: torch.Tensor) -> torch.Tensor:
                 flat = cfg.dense_cap * torch.tanh(flat / cfg.dense_cap)
             weights = weights + flat.unflatten(-1, (len(streams), len(sources))).movedim(-2, 0)
         states = torch.stack([stored[j] for j in sources])  # (n, B, T, D)
-        mixed = {s: torch.einsum("btj,jbtd->btd", weights[c].expand(*out.shape[:2], -1), states)
-                 for c, s in enumerate(streams)}
+        mixed = {
+            s: torch.einsum("btj,jbtd->btd", weights[c].expand(*out.shape[:2], -1), states)
+            for c, s in enumerate(streams)
+        }
         if prepost:
             mixed = {s: out + (conn.post_norms[layer](m) if s == "r" else m) for s, m in mixed.items()}
         elif cfg.dense_mix == "add":

@@ -88,12 +88,16 @@ def reference_logits(folder: Path, input_ids: torch.Tensor, dtype: torch.dtype =
             xr = x[3]
         attn = attention(l, xq, xk, xv)
         if pythia:  # parallel residual, GELU MLP with biases on the R stream
-            return xr + attn + linear(F.gelu(linear(norm(xr, p + "ffn_norm"), p + "feed_forward.w1")),
-                                      p + "feed_forward.w2")
+            return (
+                xr
+                + attn
+                + linear(F.gelu(linear(norm(xr, p + "ffn_norm"), p + "feed_forward.w1")), p + "feed_forward.w2")
+            )
         h = xr + attn
         n = norm(h, p + "ffn_norm")
-        return h + linear(F.silu(linear(n, p + "feed_forward.w1")) * linear(n, p + "feed_forward.w3"),
-                          p + "feed_forward.w2")
+        return h + linear(
+            F.silu(linear(n, p + "feed_forward.w1")) * linear(n, p + "feed_forward.w3"), p + "feed_forward.w2"
+        )
 
     x = F.embedding(input_ids, W["tok_embeddings.weight"])
     states = [x]

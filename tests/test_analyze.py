@@ -6,15 +6,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import FIXTURE_NAMES, assert_one_line_error, build, randomize_connection
 
 import muddformer.data
 from muddformer import layers
-from muddformer.analyze import (analyze_model, bundled_validation_tokens, cut_sequences,
-                                parse_sink_tokens)
+from muddformer.analyze import analyze_model, bundled_validation_tokens, cut_sequences, parse_sink_tokens
 from muddformer.checkpoints import save_model
 from muddformer.data import export_tokenizer, load_tokenizer
-
-from conftest import FIXTURE_NAMES, assert_one_line_error, build, randomize_connection
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -125,8 +123,12 @@ def test_queries_and_keys_are_what_the_module_attends_with():
         attn = model.layers[1].attention
         q, k = attn.queries_and_keys(xq, xk, ctx.rope)
         v = attn.wv(xv).view(2, 12, attn.n_head, attn.head_dim).transpose(1, 2)
-        probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)).masked_fill(
-            ~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf")), -1)
+        probs = torch.softmax(
+            (q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)).masked_fill(
+                ~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf")
+            ),
+            -1,
+        )
         torch.testing.assert_close(attn.wo((probs @ v).transpose(1, 2).reshape(2, 12, -1)), out)
 
 
@@ -179,8 +181,16 @@ def test_sparse_weights_fill_only_the_cells_that_are_read():
 
 
 def test_speedrun_form_reports_its_single_input_and_the_weights_it_reads():
-    model = build(n_layer=4, connection="mudd", dense_mix="add", dense_gen_norm=False, dense_layers="-2,-1",
-                  dense_sources="-2:0,1,3;-1:0,3", dense_streams="vr", dense_v_after_proj=True)
+    model = build(
+        n_layer=4,
+        connection="mudd",
+        dense_mix="add",
+        dense_gen_norm=False,
+        dense_layers="-2,-1",
+        dense_sources="-2:0,1,3;-1:0,3",
+        dense_streams="vr",
+        dense_v_after_proj=True,
+    )
     randomize_connection(model)
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(6))
     report = analyze_model(model, [x], [], 2)
@@ -233,8 +243,22 @@ def test_cli_compare_on_the_bundled_validation_text(folders, play_data, tmp_path
     monkeypatch.setenv("MUDD_CACHE", str(tmp_path / "cache"))
     shutil.copytree(play_data, tmp_path / "cache" / "data" / "shakespeare-bpe512")
     out = tmp_path / "out"
-    proc = run_cli("analyze", folders["mudd"], "--compare", folders["residual"], "--out", out, "--max-tokens", 200,
-                   "--seq-len", 32, "--batch-size", 2, "--device", "cpu")
+    proc = run_cli(
+        "analyze",
+        folders["mudd"],
+        "--compare",
+        folders["residual"],
+        "--out",
+        out,
+        "--max-tokens",
+        200,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "active heads" in proc.stdout and "cos q (l, l+1)" in proc.stdout and "cos x (l, l+1)" in proc.stdout
     result = json.loads((out / "analysis.json").read_text())
@@ -256,8 +280,19 @@ def test_cli_compare_on_the_bundled_validation_text(folders, play_data, tmp_path
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_cli_published_folder_with_text(fixtures_dir, char_tokenizer, tmp_path, run_cli, name):
-    proc = run_cli("analyze", fixtures_dir / name, "--tokenizer", char_tokenizer / "tokenizer.json",
-                   "--text", char_tokenizer / "text.txt", "--out", tmp_path, "--seq-len", 48, "--json")
+    proc = run_cli(
+        "analyze",
+        fixtures_dir / name,
+        "--tokenizer",
+        char_tokenizer / "tokenizer.json",
+        "--text",
+        char_tokenizer / "text.txt",
+        "--out",
+        tmp_path,
+        "--seq-len",
+        48,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     model = result["models"][0]
@@ -271,15 +306,25 @@ def test_cli_published_folder_with_text(fixtures_dir, char_tokenizer, tmp_path, 
 
 
 def test_cli_refusals(fixtures_dir, char_tokenizer, folders, tmp_path, run_cli):
-    assert_one_line_error(run_cli("analyze", fixtures_dir / "mf_tiny", "--tokenizer", char_tokenizer / "tokenizer.json",
-                                  "--out", tmp_path), "--text", "bundled")
+    assert_one_line_error(
+        run_cli(
+            "analyze", fixtures_dir / "mf_tiny", "--tokenizer", char_tokenizer / "tokenizer.json", "--out", tmp_path
+        ),
+        "--text",
+        "bundled",
+    )
     assert_one_line_error(run_cli("analyze", tmp_path / "missing", "--out", tmp_path), "does not exist")
-    assert_one_line_error(run_cli("analyze", folders["mudd"], "--compare", tmp_path / "gone", "--out", tmp_path),
-                          "gone", "does not exist")
-    assert_one_line_error(run_cli("analyze", fixtures_dir / "mf_tiny", "--text", char_tokenizer / "text.txt",
-                                  "--out", tmp_path), "tokenizer.json")
-    assert_one_line_error(run_cli("analyze", folders["mudd"], "--text", char_tokenizer / "text.txt", "--seq-len", 65,
-                                  "--out", tmp_path), "block_size=64")
+    assert_one_line_error(
+        run_cli("analyze", folders["mudd"], "--compare", tmp_path / "gone", "--out", tmp_path), "gone", "does not exist"
+    )
+    assert_one_line_error(
+        run_cli("analyze", fixtures_dir / "mf_tiny", "--text", char_tokenizer / "text.txt", "--out", tmp_path),
+        "tokenizer.json",
+    )
+    assert_one_line_error(
+        run_cli("analyze", folders["mudd"], "--text", char_tokenizer / "text.txt", "--seq-len", 65, "--out", tmp_path),
+        "block_size=64",
+    )
 
 
 def test_bundled_text_is_prepared_only_for_a_run_on_the_bundled_corpus(folders, play_data, tmp_path, monkeypatch):

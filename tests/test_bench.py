@@ -3,17 +3,36 @@
 import json
 
 import torch
+from conftest import small_config
 
 from muddformer.bench import mix_step_fns, saved_activation_bytes
 from muddformer.cli import main
 
-from conftest import small_config
-
 
 def test_bench_json_has_the_ratios(capsys, tmp_path):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--preset", "nano", "--reps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "32",
-                 "--decode-tokens", "4", "--connection", "mudd,denseformer", "--json", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--preset",
+            "nano",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--decode-tokens",
+            "4",
+            "--connection",
+            "mudd,denseformer",
+            "--json",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text())
@@ -27,8 +46,26 @@ def test_bench_json_has_the_ratios(capsys, tmp_path):
 
 
 def test_bench_table_and_refusals(capsys):
-    assert main(["bench", "--preset", "nano", "--reps", "1", "--warmup", "0", "--batch-size", "1", "--seq-len", "16",
-                 "--decode-tokens", "2"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--preset",
+                "nano",
+                "--reps",
+                "1",
+                "--warmup",
+                "0",
+                "--batch-size",
+                "1",
+                "--seq-len",
+                "16",
+                "--decode-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "ratios to residual" in text and "speedup" in text
     assert main(["bench", "--preset", "nano", "--seq-len", "999"]) == 2
@@ -40,7 +77,7 @@ def test_saved_activation_bytes_counts_each_storage_once():
     x = torch.randn(4, 16)
 
     def fn():
-        h = x @ w          # saves x (256 B) and w (a parameter: excluded)
+        h = x @ w  # saves x (256 B) and w (a parameter: excluded)
         return (h * h).sum()  # saves h once although it is used twice (256 B)
 
     assert saved_activation_bytes(fn, {w.untyped_storage().data_ptr()}) == 2 * 4 * 16 * 4

@@ -41,16 +41,21 @@ def test_convert_round_trip(fixtures_dir, tmp_path, capsys):
     assert main(["convert", str(fixtures_dir / "mf_tiny"), str(ours), "--dtype", "float32"]) == 0
     assert json.loads((ours / "config.json").read_text())["torch_dtype"] == "float32"
     assert main(["convert", str(ours), str(published), "--published-format"]) == 0
-    assert (json.loads((published / "config.json").read_text()) ==
-            json.loads((fixtures_dir / "mf_tiny" / "config.json").read_text()))
+    assert json.loads((published / "config.json").read_text()) == json.loads(
+        (fixtures_dir / "mf_tiny" / "config.json").read_text()
+    )
     assert main(["presets"]) == 0
     assert "muddpythia-1.4b" in capsys.readouterr().out
 
 
 def test_python_dash_m_muddformer_is_the_mudd_command():
     """`python -m muddformer` (what `torchrun -m muddformer train` runs) dispatches like `mudd`."""
-    proc = subprocess.run([sys.executable, "-m", "muddformer", "info", "nano", "--json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "muddformer", "info", "nano", "--json"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["config"]["n_layer"] == 2
-    proc = subprocess.run([sys.executable, "-m", "muddformer", "info", "no-such-preset"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "muddformer", "info", "no-such-preset"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no-such-preset" in proc.stderr

@@ -11,20 +11,29 @@ from pathlib import Path
 import pytest
 
 from muddformer.cli import main
-from muddformer.compare import (CompareConfig, cohen_d, compute_multiplier, regularized_incomplete_beta, student_t_two_sided_p,
-                                welch_t_test)
+from muddformer.compare import (
+    CompareConfig,
+    cohen_d,
+    compute_multiplier,
+    regularized_incomplete_beta,
+    student_t_two_sided_p,
+    welch_t_test,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 # ---- Welch's t-test -------------------------------------------------------------------------------
 # Reference values from scipy.stats.ttest_ind(a, b, equal_var=False) (statistic, pvalue, df).
-@pytest.mark.parametrize("a, b, t, df, p", [
-    ([1.0, 2.0, 3.0, 4.0], [2.5, 3.5, 4.5, 6.0, 7.0], -2.1153194253318914, 6.946661847188643, 0.07252100711561206),
-    ([5.1, 5.2, 5.15], [5.0, 5.05, 4.98], 3.933660408643102, 3.637279596977305, 0.02044611008525842),
-    ([3.0, 3.1, 2.9, 3.05], [10.0, 20.0, 30.0], -2.9422408585590523, 2.000218751993379, 0.09869595806894292),
-    ([4.20, 4.31, 4.27], [4.25, 4.26, 4.22, 4.24], 0.526152219601985, 2.2846327741600962, 0.6454542799108048),
-])
+@pytest.mark.parametrize(
+    "a, b, t, df, p",
+    [
+        ([1.0, 2.0, 3.0, 4.0], [2.5, 3.5, 4.5, 6.0, 7.0], -2.1153194253318914, 6.946661847188643, 0.07252100711561206),
+        ([5.1, 5.2, 5.15], [5.0, 5.05, 4.98], 3.933660408643102, 3.637279596977305, 0.02044611008525842),
+        ([3.0, 3.1, 2.9, 3.05], [10.0, 20.0, 30.0], -2.9422408585590523, 2.000218751993379, 0.09869595806894292),
+        ([4.20, 4.31, 4.27], [4.25, 4.26, 4.22, 4.24], 0.526152219601985, 2.2846327741600962, 0.6454542799108048),
+    ],
+)
 def test_welch_t_test_matches_reference_values(a, b, t, df, p):
     r = welch_t_test(a, b)
     assert r["t"] == pytest.approx(t, rel=1e-10)
@@ -110,9 +119,32 @@ def small_data(tmp_path_factory):
 
 
 def compare_args(data, out, steps="4", eval_every="2"):
-    return ["compare", "--preset", "nano", "--connections", "residual,mudd", "--seeds", "2", "--steps", steps,
-            "--data", str(data), "--out", str(out), "--batch-size", "2", "--seq-len", "16", "--eval-windows", "2",
-            "--eval-every", eval_every, "--device", "cpu", "--no-progress"]
+    return [
+        "compare",
+        "--preset",
+        "nano",
+        "--connections",
+        "residual,mudd",
+        "--seeds",
+        "2",
+        "--steps",
+        steps,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-windows",
+        "2",
+        "--eval-every",
+        eval_every,
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
 
 
 def test_compare_end_to_end_resumes_and_refuses_other_settings(small_data, tmp_path, capsys):
@@ -135,7 +167,9 @@ def test_compare_end_to_end_resumes_and_refuses_other_settings(small_data, tmp_p
         assert cm["multiplier"] is not None or cm["lower_bound"] is not None or cm["upper_bound"] is not None
     assert results["connections"]["residual"]["welch"] is None
     assert results["pairwise_welch"]["mudd"]["residual"] == results["connections"]["mudd"]["welch"]
-    assert results["pairwise_welch"]["residual"]["mudd"]["t"] == pytest.approx(-results["connections"]["mudd"]["welch"]["t"])
+    assert results["pairwise_welch"]["residual"]["mudd"]["t"] == pytest.approx(
+        -results["connections"]["mudd"]["welch"]["t"]
+    )
     assert set(results["connections"]["mudd"]["welch"]) == {"t", "df", "p", "d"}
     mudd, res = results["connections"]["mudd"]["final_val_loss"], results["connections"]["residual"]["final_val_loss"]
     assert results["connections"]["mudd"]["welch"]["d"] == pytest.approx(cohen_d(mudd, res))
@@ -213,20 +247,23 @@ def test_compare_resumes_an_unfinished_run(small_data, tmp_path, capsys):
     assert results["connections"]["residual"]["compute_multiplier"]["multiplier"] is not None
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--connections", "residual,mud"], "unknown connection 'mud' in --connections; choose from residual, mudd"),
-    (["--connections", "mudd,hc"], "--baseline 'residual' is not among --connections mudd,hc"),
-    (["--seed-list", "0,x"], "--seed-list '0,x' must be comma-separated integers"),
-    (["--set", "n_layers=3"], "unknown MuddConfig field 'n_layers'"),
-    (["--lr-for", "hc=1e-3"], "--lr-for names 'hc', which is not among --connections residual,mudd"),
-    (["--lr-for", "mudd:1e-3"], "--lr-for 'mudd:1e-3' must look like CONNECTION=LR"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--connections", "residual,mud"], "unknown connection 'mud' in --connections; choose from residual, mudd"),
+        (["--connections", "mudd,hc"], "--baseline 'residual' is not among --connections mudd,hc"),
+        (["--seed-list", "0,x"], "--seed-list '0,x' must be comma-separated integers"),
+        (["--set", "n_layers=3"], "unknown MuddConfig field 'n_layers'"),
+        (["--lr-for", "hc=1e-3"], "--lr-for names 'hc', which is not among --connections residual,mudd"),
+        (["--lr-for", "mudd:1e-3"], "--lr-for 'mudd:1e-3' must look like CONNECTION=LR"),
+    ],
+)
 def test_bad_options_are_one_line_and_write_nothing(small_data, tmp_path, capsys, extra, message):
     out = tmp_path / "cmp"
     args = compare_args(small_data, out)
     if "--seed-list" in extra:
         i = args.index("--seeds")
-        del args[i:i + 2]
+        del args[i : i + 2]
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
@@ -237,10 +274,28 @@ def test_each_connection_trains_at_its_own_learning_rate(small_data, tmp_path):
     out = tmp_path / "cmp"
     args = compare_args(small_data, out, steps="2")
     args[args.index("--seeds") + 1] = "1"
-    assert main(args + ["--lr", "2e-3", "--lr-for", "mudd=5e-4", "--recipe", "cpu", "--generator-lr-mult", "0.25",
-                        "--warmup", "0.5"]) == 0
-    recipes = {name: json.loads((out / "runs" / name / "seed0" / "run.json").read_text())["recipe"]
-               for name in ("residual", "mudd")}
+    assert (
+        main(
+            args
+            + [
+                "--lr",
+                "2e-3",
+                "--lr-for",
+                "mudd=5e-4",
+                "--recipe",
+                "cpu",
+                "--generator-lr-mult",
+                "0.25",
+                "--warmup",
+                "0.5",
+            ]
+        )
+        == 0
+    )
+    recipes = {
+        name: json.loads((out / "runs" / name / "seed0" / "run.json").read_text())["recipe"]
+        for name in ("residual", "mudd")
+    }
     assert {name: r["lr"] for name, r in recipes.items()} == {"residual": 2e-3, "mudd": 5e-4}
     assert all(r["name"] == "cpu" and r["generator_lr_mult"] == 0.25 and r["warmup"] == 0.5 for r in recipes.values())
     md = (out / "results.md").read_text()  # the command that reproduces it
@@ -297,8 +352,11 @@ def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, caps
     mudd, res = (results["connections"][n]["final_val_loss"] for n in ("mudd", "residual"))
     assert summary["mudd_vs"]["residual"]["delta"] == pytest.approx(sum(mudd) / 2 - sum(res) / 2)
     assert summary["mudd_vs"]["ddformer"]["p"] == results["pairwise_welch"]["mudd"]["ddformer"]["p"]
-    assert set(summary["targets"]) == {"p < 0.01 against residual", "seed std <= 2x residual's",
-                                       "compute multiplier >= 1.5"}
+    assert set(summary["targets"]) == {
+        "p < 0.01 against residual",
+        "seed std <= 2x residual's",
+        "compute multiplier >= 1.5",
+    }
     depth = json.loads((root / "depth" / "results.json").read_text())["connections"]
     gain_18 = depth["mudd"]["mean"] - depth["residual"]["mean"]
     assert summary["depth"]["gain_18"][0] == pytest.approx(gain_18)

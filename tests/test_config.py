@@ -8,13 +8,100 @@ from muddformer.presets import PRESETS
 
 # architecture §2.3: the paper's linear FFN re-allocation of the three published models.
 SPEC_WIDTHS = {
-    "muddformer-2.8b": [3456, 3712, 3840, 4096, 4352, 4608, 4736, 4992, 5248, 5504, 5632, 5888, 6144, 6400, 6528, 6784,
-                        7040, 7296, 7424, 7680, 7936, 8192, 8320, 8576, 8832, 9088, 9216, 9472, 9728, 9984, 10112, 10368],
-    "muddpythia-2.8b": [5120, 5504, 5760, 6144, 6400, 6784, 7040, 7424, 7808, 8064, 8448, 8704, 9088, 9472, 9728, 10112,
-                        10368, 10752, 11008, 11392, 11776, 12032, 12416, 12672, 13056, 13440, 13696, 14080, 14336, 14720,
-                        14976, 15360],
-    "muddpythia-1.4b": [4096, 4480, 4864, 5120, 5504, 5888, 6272, 6528, 6912, 7296, 7680, 8064, 8320, 8704, 9088, 9472,
-                        9856, 10112, 10496, 10880, 11264, 11520, 11904, 12288],
+    "muddformer-2.8b": [
+        3456,
+        3712,
+        3840,
+        4096,
+        4352,
+        4608,
+        4736,
+        4992,
+        5248,
+        5504,
+        5632,
+        5888,
+        6144,
+        6400,
+        6528,
+        6784,
+        7040,
+        7296,
+        7424,
+        7680,
+        7936,
+        8192,
+        8320,
+        8576,
+        8832,
+        9088,
+        9216,
+        9472,
+        9728,
+        9984,
+        10112,
+        10368,
+    ],
+    "muddpythia-2.8b": [
+        5120,
+        5504,
+        5760,
+        6144,
+        6400,
+        6784,
+        7040,
+        7424,
+        7808,
+        8064,
+        8448,
+        8704,
+        9088,
+        9472,
+        9728,
+        10112,
+        10368,
+        10752,
+        11008,
+        11392,
+        11776,
+        12032,
+        12416,
+        12672,
+        13056,
+        13440,
+        13696,
+        14080,
+        14336,
+        14720,
+        14976,
+        15360,
+    ],
+    "muddpythia-1.4b": [
+        4096,
+        4480,
+        4864,
+        5120,
+        5504,
+        5888,
+        6272,
+        6528,
+        6912,
+        7296,
+        7680,
+        8064,
+        8320,
+        8704,
+        9088,
+        9472,
+        9856,
+        10112,
+        10496,
+        10880,
+        11264,
+        11520,
+        11904,
+        12288,
+    ],
 }
 
 
@@ -30,7 +117,9 @@ def test_ffn_widths_round_half_to_even():
     assert MuddConfig(n_layer=4, dim=64, n_head=4, intermediate_size=192).ffn_widths == [128, 128, 256, 256]
     # inter 320, L=3: 160/128=1.25 -> 1; 320/128=2.5 -> 2 (half to even); 480/128=3.75 -> 4
     assert MuddConfig(n_layer=3, dim=64, n_head=4, intermediate_size=320).ffn_widths == [128, 256, 512]
-    assert MuddConfig(n_layer=3, dim=64, n_head=4, intermediate_size=320, ffn_schedule="constant").ffn_widths == [320] * 3
+    assert (
+        MuddConfig(n_layer=3, dim=64, n_head=4, intermediate_size=320, ffn_schedule="constant").ffn_widths == [320] * 3
+    )
 
 
 def test_block_defaults():
@@ -48,21 +137,24 @@ def test_every_preset_round_trips_through_json(name):
     assert json.loads(again.to_json()) == cfg.to_dict()
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(dim=100, n_head=3), "dim=100"),
-    (dict(connection="hyper"), "connection='hyper'"),
-    (dict(block="gpt2"), "block='gpt2'"),
-    (dict(dim=64, n_head=4, rotary_pct=0.2), "rotary_pct=0.2 gives a rotary width of 3"),
-    (dict(n_layer=0), "n_layer"),
-    (dict(norm_eps=0.0), "norm_eps"),
-    (dict(ffn_schedule="cubic"), "ffn_schedule"),
-    (dict(dense_norm="post"), "dense_norm"),
-    (dict(rope_table_dtype="int8"), "rope_table_dtype"),
-    (dict(intermediate_size=64, n_layer=4), "intermediate_size=64"),
-    (dict(n_layer="4"), "n_layer must be int"),
-    (dict(use_qk_norm=1), "use_qk_norm must be bool"),
-    (dict(eos_token_id=9000, vocab_size=8192), "eos_token_id=9000"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(dim=100, n_head=3), "dim=100"),
+        (dict(connection="hyper"), "connection='hyper'"),
+        (dict(block="gpt2"), "block='gpt2'"),
+        (dict(dim=64, n_head=4, rotary_pct=0.2), "rotary_pct=0.2 gives a rotary width of 3"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(ffn_schedule="cubic"), "ffn_schedule"),
+        (dict(dense_norm="post"), "dense_norm"),
+        (dict(rope_table_dtype="int8"), "rope_table_dtype"),
+        (dict(intermediate_size=64, n_layer=4), "intermediate_size=64"),
+        (dict(n_layer="4"), "n_layer must be int"),
+        (dict(use_qk_norm=1), "use_qk_norm must be bool"),
+        (dict(eos_token_id=9000, vocab_size=8192), "eos_token_id=9000"),
+    ],
+)
 def test_impossible_configs_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace("+", r"\+")):
         MuddConfig(**kwargs)

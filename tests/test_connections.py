@@ -2,13 +2,19 @@
 
 import pytest
 import torch
+from conftest import (
+    ALL_CONNECTIONS,
+    DENSE_CONNECTIONS,
+    assert_grads_close,
+    build,
+    explicit_dense_forward,
+    loss_and_grads,
+    randomize_connection,
+)
 
 from muddformer import copy_shared_weights
 from muddformer.connections.dense import generator_width
 from muddformer.kernels import depth_mix, depth_mix_reference
-
-from conftest import (ALL_CONNECTIONS, DENSE_CONNECTIONS, assert_grads_close, build, explicit_dense_forward, loss_and_grads,
-                      randomize_connection)
 
 BLOCKS = ["llama", "pythia"]
 # The dense family; the rivals (hc, mhc, attnres) have their init, formula and gradient tests in test_rivals.py.
@@ -75,7 +81,9 @@ def test_depth_mix_reference_against_einsum():
         for impl in ("reference", "matmul", "auto"):
             mixed = depth_mix(states, weights, impl=impl)
             for c in range(3):
-                torch.testing.assert_close(mixed[c], torch.einsum("btj,jbtd->btd", full[..., c, :], torch.stack(states)))
+                torch.testing.assert_close(
+                    mixed[c], torch.einsum("btj,jbtd->btd", full[..., c, :], torch.stack(states))
+                )
     with pytest.raises(ValueError, match="3 weights per stream for 4 states"):
         depth_mix_reference(states, torch.randn(1, 1, 1, 3))
     with pytest.raises(ValueError, match="unknown depth_mix implementation"):
@@ -216,8 +224,15 @@ def test_buffered_mix_keeps_one_copy_of_each_state():
         torch.testing.assert_close(o.grad, expect.detach())
 
 
-@pytest.mark.parametrize("connection, dense_norm, block", [("mudd", "none", "llama"), ("mudd", "prepost", "llama"),
-                                                           ("ddformer", "none", "pythia"), ("mudd", "none", "pythia")])
+@pytest.mark.parametrize(
+    "connection, dense_norm, block",
+    [
+        ("mudd", "none", "llama"),
+        ("mudd", "prepost", "llama"),
+        ("ddformer", "none", "pythia"),
+        ("mudd", "none", "pythia"),
+    ],
+)
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_recompute_mix_equals_storing_and_saves_memory(connection, dense_norm, block, checkpointed):
     from muddformer.bench import saved_activation_bytes

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from muddformer.cli import main
-from muddformer.data import (VALIDATION_PLAYS, DataError, TokenData, bundled_plays, eval_windows, load_tokenizer,
-                             prepare, sample_batch)
+from muddformer.data import (
+    VALIDATION_PLAYS,
+    DataError,
+    TokenData,
+    bundled_plays,
+    eval_windows,
+    load_tokenizer,
+    prepare,
+    sample_batch,
+)
 
 
 def test_bundled_corpus_is_38_plays_split_by_play():
@@ -27,8 +35,9 @@ def test_prepare_text_jsonl_and_folder(tmp_path):
     (tmp_path / "a.txt").write_text(text)
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": f"doc {i}: " + text[:300]}) for i in range(12)))
     out = tmp_path / "prepared"
-    meta = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], out, vocab_size=300, field="body",
-                   val_fraction=0.2)
+    meta = prepare(
+        [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], out, vocab_size=300, field="body", val_fraction=0.2
+    )
     assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16"
     data = TokenData(out)
     assert data.splits["train"].tokens == meta["splits"]["train"]["tokens"] > 0

@@ -4,15 +4,13 @@ that fails with a clear message instead of letting a silent change through."""
 import dataclasses
 import inspect
 
-import pytest
 import torch
+from conftest import small_config
 
 from muddformer import MuddConfig, MuddForCausalLM, MuddModel
 from muddformer.compat import dynamo_recompile_limit, is_cache_object, transformers_cache_name
 from muddformer.hf import CACHE_NAME, MuddHFConfig
 from muddformer.kv_cache import KVCache, StaticKVCache
-
-from conftest import small_config
 
 
 def test_cache_name_is_what_both_generation_hooks_use():
@@ -26,7 +24,11 @@ def test_cache_name_is_what_both_generation_hooks_use():
     model = MuddForCausalLM(small_config()).eval()
     with torch.no_grad():
         out = model(torch.tensor([[1, 2, 3]]), use_cache=True)
-    before = {"attention_mask": torch.ones(1, 3, dtype=torch.long), "cache_position": torch.arange(3), "use_cache": True}
+    before = {
+        "attention_mask": torch.ones(1, 3, dtype=torch.long),
+        "cache_position": torch.arange(3),
+        "use_cache": True,
+    }
     carried = model._update_model_kwargs_for_generation(out, before)
     assert carried[CACHE_NAME] is getattr(out, CACHE_NAME) and carried[CACHE_NAME].get_seq_length() == 3
     step = model.prepare_inputs_for_generation(torch.tensor([[1, 2, 3, 4]]), **carried)
@@ -81,8 +83,52 @@ def test_byte_level_bpe_training_is_unchanged():
     macbeth = next(p["text"] for p in bundled_plays() if p["name"] == "macbeth")
     tok = train_tokenizer([macbeth], 300)
     ids = tok.encode("Double, double toil and trouble; Fire burn and caldron bubble.").ids
-    assert ids == [36, 260, 66, 76, 69, 12, 275, 260, 66, 76, 69, 289, 73, 76, 283, 257, 82, 260, 66, 76, 69, 27, 221,
-                   38, 73, 263, 269, 85, 82, 78, 283, 279, 65, 76, 68, 82, 274, 269, 85, 66, 66, 76, 69, 14]
+    assert ids == [
+        36,
+        260,
+        66,
+        76,
+        69,
+        12,
+        275,
+        260,
+        66,
+        76,
+        69,
+        289,
+        73,
+        76,
+        283,
+        257,
+        82,
+        260,
+        66,
+        76,
+        69,
+        27,
+        221,
+        38,
+        73,
+        263,
+        269,
+        85,
+        82,
+        78,
+        283,
+        279,
+        65,
+        76,
+        68,
+        82,
+        274,
+        269,
+        85,
+        66,
+        66,
+        76,
+        69,
+        14,
+    ]
     assert tok.decode(ids) == "Double, double toil and trouble; Fire burn and caldron bubble."
 
 

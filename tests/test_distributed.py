@@ -8,21 +8,42 @@ import sys
 
 import pytest
 import torch
+from test_train import SMALL, run_cli, weights
 
 from muddformer import MuddForCausalLM
-
-from test_train import SMALL, run_cli, weights
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 # The reference depth mix sums in a fixed order whatever the batch size; the batched-matmul mix may pick
 # other float32 kernels for 4 and 8 rows, and Adam magnifies that noise past these weight tolerances.
-COMMON = SMALL + ["--max-steps", "9", "--save-every", "3", "--eval-every", "3", "--eval-windows", "4",
-                  "--keep-checkpoints", "5", "--set", "mix_impl=reference"]
+COMMON = SMALL + [
+    "--max-steps",
+    "9",
+    "--save-every",
+    "3",
+    "--eval-every",
+    "3",
+    "--eval-windows",
+    "4",
+    "--keep-checkpoints",
+    "5",
+    "--set",
+    "mix_impl=reference",
+]
 
 
 def torchrun(args, out):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "muddformer.train",
-           *args, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "muddformer.train",
+        *args,
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -83,9 +104,24 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_back(play_data, single, tmp_
 
 def test_fsdp_with_activation_checkpointing_and_compile(play_data, single, tmp_path):
     out = tmp_path / "fsdp_ac_compile"
-    args = SMALL + ["--data", str(play_data), "--max-steps", "3", "--save-every", "3", "--eval-every", "3",
-                    "--eval-windows", "4", "--batch-size", "4", "--parallel", "fsdp", "--activation-checkpointing",
-                    "--compile"]
+    args = SMALL + [
+        "--data",
+        str(play_data),
+        "--max-steps",
+        "3",
+        "--save-every",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-windows",
+        "4",
+        "--batch-size",
+        "4",
+        "--parallel",
+        "fsdp",
+        "--activation-checkpointing",
+        "--compile",
+    ]
     torchrun(args, out)
     got = [r for r in metrics(out) if "loss" in r]
     ref = [r for r in metrics(single) if "loss" in r and r["step"] <= 3]

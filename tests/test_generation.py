@@ -2,19 +2,15 @@
 
 import pytest
 import torch
+from conftest import ALL_CONNECTIONS, FIXTURE_NAMES, build, randomize_connection, speedrun_options
+from safetensors.torch import load_file
 
 from muddformer import InputError, MuddForCausalLM
 from muddformer.generation import generate, process_logits
 from muddformer.kv_cache import KVCache, StaticKVCache
-from safetensors.torch import load_file
-
-from conftest import ALL_CONNECTIONS, FIXTURE_NAMES, build, randomize_connection
-
 
 # The GPT-2 speedrun's additive form (per-aggregation sources, V mix after the projection) at build()'s 3 layers.
-SPEEDRUN_3 = dict(dense_mix="add", dense_gen_norm=False, dense_layers="-2,-1", dense_sources="-2:0,2;-1:0,2",
-                  dense_streams="vr", dense_hidden=16, dense_add_scale=0.2, dense_add_scale_by_sources=True,
-                  dense_v_gain=1.15, dense_v_after_proj=True)
+SPEEDRUN_3 = speedrun_options(3)
 
 
 def model_for(connection="mudd", block="llama", **kw):
@@ -41,11 +37,14 @@ def test_cached_decode_equals_full_forward_at_every_step(block, connection, kind
     with torch.no_grad():
         full = model(ids).logits
         cfg = model.config
-        kv = KVCache(cfg.n_layer) if kind == "dynamic" else StaticKVCache(cfg.n_layer, 2, cfg.n_head, cfg.head_dim, 24,
-                                                                            torch.float64, "cpu")
+        kv = (
+            KVCache(cfg.n_layer)
+            if kind == "dynamic"
+            else StaticKVCache(cfg.n_layer, 2, cfg.n_head, cfg.head_dim, 24, torch.float64, "cpu")
+        )
         pieces = [model(ids[:, :8], cache=kv).logits]
         for t in range(8, 20):
-            pieces.append(model(ids[:, t:t + 1], cache=kv).logits)
+            pieces.append(model(ids[:, t : t + 1], cache=kv).logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-11, rtol=1e-11)
     assert kv.get_seq_length() == 20
 
@@ -67,13 +66,13 @@ def test_left_padded_batch_equals_one_by_one():
     ids = torch.zeros(3, P, dtype=torch.long)
     mask = torch.zeros(3, P, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = p
-        mask[i, P - len(p):] = 1
+        ids[i, P - len(p) :] = p
+        mask[i, P - len(p) :] = 1
     for kind in ("dynamic", "static"):
         batched = generate(model, ids, 8, attention_mask=mask, cache=kind)
         for i, p in enumerate(prompts):
             alone = generate(model, p[None], 8, cache=kind)
-            assert batched[i, P:].tolist() == alone[0, len(p):].tolist()
+            assert batched[i, P:].tolist() == alone[0, len(p) :].tolist()
 
 
 def test_seeded_sampling_is_reproducible_and_filters_work():
@@ -102,7 +101,7 @@ def test_eos_finishes_rows_and_streaming_sees_every_token():
     out = generate(model, ids, 10, eos_token_id=eos, pad_token_id=0, streamer=lambda t: streamed.append(t.tolist()))
     row0 = out[0, 4:].tolist()
     assert row0[:3] == free[0, 4:7].tolist() and all(t == 0 for t in row0[3:])
-    assert [s[0] for s in streamed] == row0[:len(streamed)]
+    assert [s[0] for s in streamed] == row0[: len(streamed)]
     assert len(streamed) == out.shape[1] - 4
 
 

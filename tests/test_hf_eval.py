@@ -5,17 +5,16 @@ import math
 
 import pytest
 import torch
+from conftest import FIXTURE_NAMES, FIXTURE_TOL, assert_one_line_error, randomize_connection
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from muddformer import MuddConfig, MuddForCausalLM, MuddModel
 from muddformer.data import bundled_split, export_tokenizer, load_tokenizer
+from muddformer.errors import DependencyError
 from muddformer.eval_tasks import LOCAL_TASK, local_task_items, local_tasks_dir
 from muddformer.generation import generate
-from muddformer.errors import DependencyError
 from muddformer.hf import CACHE_NAME, MuddHFConfig, MuddPythiaForCausalLM
 from muddformer.model import next_token_loss
-
-from conftest import FIXTURE_NAMES, FIXTURE_TOL, assert_one_line_error, randomize_connection
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,9 @@ def test_auto_classes_round_trip_our_folder(model_dir):
     assert ids[0].tolist() == load_tokenizer(model_dir / "tokenizer.json").encode(text).ids
     assert tok.decode(ids[0]) == text
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, MuddForCausalLM.from_pretrained(model_dir).model(ids).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            model(ids).logits, MuddForCausalLM.from_pretrained(model_dir).model(ids).logits, rtol=0, atol=0
+        )
     # labels -> loss equals the shifted cross-entropy
     out = model(ids, labels=ids)
     assert torch.allclose(out.loss, next_token_loss(out.logits[:, :-1], ids[:, 1:]))
@@ -58,8 +58,13 @@ def left_padded_batch(model_dir):
     return tok, tok(prompts, return_tensors="pt", padding=True)
 
 
-SAMPLING = [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(do_sample=True, temperature=0.8, top_k=50),
-            dict(do_sample=True, top_p=0.9), dict(do_sample=False, repetition_penalty=1.3)]
+SAMPLING = [
+    dict(do_sample=False),
+    dict(do_sample=True, top_k=20),
+    dict(do_sample=True, temperature=0.8, top_k=50),
+    dict(do_sample=True, top_p=0.9),
+    dict(do_sample=False, repetition_penalty=1.3),
+]
 
 
 @pytest.mark.parametrize("options", SAMPLING, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
@@ -76,8 +81,10 @@ def test_hf_generate_equals_ours_token_for_token(model_dir, options):
     assert hf.tolist() == ours.tolist()
     if options["do_sample"]:  # the RNG matters: another seed gives other tokens
         torch.manual_seed(8)
-        assert generate(model.model, batch.input_ids, 12, attention_mask=batch.attention_mask, **options).tolist() \
+        assert (
+            generate(model.model, batch.input_ids, 12, attention_mask=batch.attention_mask, **options).tolist()
             != ours.tolist()
+        )
 
 
 def test_hf_generate_carries_the_cache_from_step_to_step(model_dir):
@@ -142,16 +149,26 @@ def test_auto_model_loads_published_folders(fixtures_dir, name):
 def test_generate_cli_streams_text_and_reports_speed(model_dir, tmp_path, run_cli):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("To be, or not to be\n\nFriends, Romans, countrymen\n")
-    proc = run_cli("generate", model_dir, "--prompt", "Once more unto the breach", "--prompt-file", prompts,
-                   "--max-new-tokens", 6, "--ignore-eos")
+    proc = run_cli(
+        "generate",
+        model_dir,
+        "--prompt",
+        "Once more unto the breach",
+        "--prompt-file",
+        prompts,
+        "--max-new-tokens",
+        6,
+        "--ignore-eos",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert proc.stdout.startswith("Once more unto the breach")
     assert any(line.startswith("Friends, Romans, countrymen") for line in lines)
     assert "18 tokens in" in proc.stderr and "tokens/s" in proc.stderr
     # greedy by default: the same text twice
-    again = run_cli("generate", model_dir, "--prompt", "Once more unto the breach", "--max-new-tokens", 6,
-                    "--ignore-eos")
+    again = run_cli(
+        "generate", model_dir, "--prompt", "Once more unto the breach", "--max-new-tokens", 6, "--ignore-eos"
+    )
     assert again.stdout.splitlines()[0] == lines[0]
 
 
@@ -186,7 +203,9 @@ def test_eval_perplexity_equals_the_direct_loss(model_dir, tmp_path, run_cli):
     report = json.loads(out.read_text())["perplexity"]
     assert report["tokens"] == len(ids) - 1 and report["bytes"] == len(text.encode())
     assert report["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
-    assert report["bits_per_byte"] == pytest.approx(loss * (len(ids) - 1) / (len(text.encode()) * math.log(2)), rel=1e-5)
+    assert report["bits_per_byte"] == pytest.approx(
+        loss * (len(ids) - 1) / (len(text.encode()) * math.log(2)), rel=1e-5
+    )
     assert f"perplexity {math.exp(loss):.3f}" in proc.stdout
 
 
@@ -222,13 +241,17 @@ def test_lm_eval_on_the_local_task_equals_our_own_scoring(model_dir, tmp_path, r
     model = MuddForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     items = local_task_items()[:24]
-    correct = [max(range(4), key=lambda c: choice_loglikelihood(model, tok, it["context"], it["choices"][c]))
-               == it["label"] for it in items]
+    correct = [
+        max(range(4), key=lambda c: choice_loglikelihood(model, tok, it["context"], it["choices"][c])) == it["label"]
+        for it in items
+    ]
     assert acc == pytest.approx(sum(correct) / len(items))
 
 
 def test_lm_eval_refusals(model_dir, tmp_path, run_cli):
-    assert_one_line_error(run_cli("eval", model_dir, "--tasks", "shakespeare_next_lin"), "unknown lm-eval task",
-                          LOCAL_TASK)
-    assert_one_line_error(run_cli("eval", model_dir, "--tasks", LOCAL_TASK, "--include-path", tmp_path / "nope"),
-                          "--include-path")
+    assert_one_line_error(
+        run_cli("eval", model_dir, "--tasks", "shakespeare_next_lin"), "unknown lm-eval task", LOCAL_TASK
+    )
+    assert_one_line_error(
+        run_cli("eval", model_dir, "--tasks", LOCAL_TASK, "--include-path", tmp_path / "nope"), "--include-path"
+    )

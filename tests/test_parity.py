@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURE_NAMES, FIXTURE_TOL
+from reference_forward import reference_logits
 from safetensors.torch import load_file
 
 from muddformer import MuddForCausalLM
 from muddformer.checkpoints import read_tensors
-
-from conftest import FIXTURE_NAMES, FIXTURE_TOL
-from reference_forward import reference_logits
 
 
 def expected(fixtures_dir, name):
@@ -84,7 +83,7 @@ def test_bfloat16_logits_agree_with_reference_within_the_spread_between_cpus(fix
 def test_bfloat16_tolerance_tells_float32_from_bfloat16(fixtures_dir):
     for name in FIXTURE_NAMES:
         exp = expected(fixtures_dir, name)
-        assert bf16_tolerance(exp["logits_bf16"]) == 4 * 2.0 ** -8  # |logit| ~ 0.63 in both fixtures
+        assert bf16_tolerance(exp["logits_bf16"]) == 4 * 2.0**-8  # |logit| ~ 0.63 in both fixtures
         assert (exp["logits"] - exp["logits_bf16"]).abs().max().item() > bf16_tolerance(exp["logits_bf16"])
 
 
@@ -116,7 +115,9 @@ def test_bfloat16_sdpa_is_close_to_reference_bfloat16(fixtures_dir, name):
 def test_published_format_round_trip(fixtures_dir, name, tmp_path):
     model = MuddForCausalLM.from_pretrained(fixtures_dir / name, torch_dtype="auto")
     model.save_pretrained(tmp_path, published_format=True)
-    assert json.loads((tmp_path / "config.json").read_text()) == json.loads((fixtures_dir / name / "config.json").read_text())
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(
+        (fixtures_dir / name / "config.json").read_text()
+    )
     original, written = read_tensors(str(fixtures_dir / name)), read_tensors(str(tmp_path))
     assert original.keys() == written.keys()
     assert all(torch.equal(original[k], written[k]) and written[k].dtype == torch.bfloat16 for k in original)

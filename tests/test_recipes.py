@@ -2,23 +2,36 @@
 
 import pytest
 import torch
+from conftest import ALL_CONNECTIONS, assert_one_line_error, build, nano_run
 
-from muddformer import MuddConfig, MuddModel
+from muddformer import MuddConfig
 from muddformer.errors import ConfigError
 from muddformer.presets import PRESET_RECIPES, PRESETS
 from muddformer.recipes import RECIPES, get_recipe, gradient_accumulation, param_groups
 from muddformer.train import TrainConfig, lr_at
 
-from conftest import ALL_CONNECTIONS, assert_one_line_error, build
-
 
 def test_every_preset_names_a_recipe_and_the_paper_values_are_table_2s():
     assert set(PRESET_RECIPES) == set(PRESETS) and set(PRESET_RECIPES.values()) <= set(RECIPES)
-    for size, lr in (("405m", 3e-4), ("834m", 2.5e-4), ("1.4b", 2e-4), ("deepnarrow-797m", 2.5e-4),
-                     ("deepnarrow-1.34b", 2e-4)):
+    for size, lr in (
+        ("405m", 3e-4),
+        ("834m", 2.5e-4),
+        ("1.4b", 2e-4),
+        ("deepnarrow-797m", 2.5e-4),
+        ("deepnarrow-1.34b", 2e-4),
+    ):
         r = get_recipe(PRESET_RECIPES[f"muddformer-{size}"])
-        assert (r.lr, r.beta1, r.beta2, r.weight_decay, r.grad_clip, r.warmup, r.schedule, r.min_lr_ratio, r.seq_len) \
-            == (lr, 0.9, 0.95, 0.1, 1.0, 0.01, "cosine", 0.1, 2048)
+        assert (
+            r.lr,
+            r.beta1,
+            r.beta2,
+            r.weight_decay,
+            r.grad_clip,
+            r.warmup,
+            r.schedule,
+            r.min_lr_ratio,
+            r.seq_len,
+        ) == (lr, 0.9, 0.95, 0.1, 1.0, 0.01, "cosine", 0.1, 2048)
         assert PRESET_RECIPES[f"tfm++-{size}"] == PRESET_RECIPES[f"muddformer-{size}"]
         assert MuddConfig.from_preset(f"muddformer-{size}").dense_norm == "prepost"  # the official configuration
     m28 = get_recipe(PRESET_RECIPES["muddformer-2.8b"])
@@ -29,8 +42,13 @@ def test_every_preset_names_a_recipe_and_the_paper_values_are_table_2s():
 
 def test_overrides_replace_recipe_fields_and_the_rest_is_the_recipes():
     tc, recipe = TrainConfig(preset="muddformer-405m", lr=1e-4, generator_lr_mult=0.25, dtype="float32").resolved()
-    assert (recipe.name, recipe.lr, recipe.generator_lr_mult, recipe.dtype, recipe.seq_len) == \
-        ("paper-405m", 1e-4, 0.25, "float32", 2048)
+    assert (recipe.name, recipe.lr, recipe.generator_lr_mult, recipe.dtype, recipe.seq_len) == (
+        "paper-405m",
+        1e-4,
+        0.25,
+        "float32",
+        2048,
+    )
     assert (tc.recipe, tc.lr, tc.generator_lr_mult, tc.beta2, tc.seq_len) == ("paper-405m", 1e-4, 0.25, 0.95, 2048)
     tc, recipe = TrainConfig(preset="tiny", recipe="paper-834m").resolved()
     assert recipe.name == "paper-834m" and tc.lr == 2.5e-4
@@ -49,7 +67,9 @@ def test_global_batch_sets_gradient_accumulation():
         gradient_accumulation(paper.replace(batch_size=6), world=1)
 
 
-@pytest.mark.parametrize("schedule, halfway, end", [("cosine", 0.55, 0.1), ("linear", 0.55, 0.1), ("constant", 1.0, 1.0)])
+@pytest.mark.parametrize(
+    "schedule, halfway, end", [("cosine", 0.55, 0.1), ("linear", 0.55, 0.1), ("constant", 1.0, 1.0)]
+)
 def test_schedules(schedule, halfway, end):
     tc, _ = TrainConfig(max_steps=1001, lr=1.0, warmup=0.001, schedule=schedule).resolved()
     assert lr_at(0, tc) == 1.0  # one warm-up step
@@ -60,8 +80,9 @@ def test_schedules(schedule, halfway, end):
 @pytest.mark.parametrize("connection", ALL_CONNECTIONS)
 def test_every_parameter_of_every_connection_is_in_exactly_one_group(connection):
     model = build(connection=connection, n_layer=3)
-    recipe = get_recipe("cpu").replace(generator_lr_mult=0.25, generator_beta2=0.99, generator_weight_decay=0.0,
-                                       prior_lr_mult=0.5)
+    recipe = get_recipe("cpu").replace(
+        generator_lr_mult=0.25, generator_beta2=0.99, generator_weight_decay=0.0, prior_lr_mult=0.5
+    )
     groups = param_groups(model, recipe)
     names = {id(p): n for n, p in model.named_parameters()}
     placed = [names[id(p)] for g in groups for p in g["params"]]
@@ -87,9 +108,7 @@ def test_generator_learning_rate_multiplier_reaches_the_optimizer(play_data, tmp
     from muddformer.train import train
 
     out = tmp_path / "run"
-    train(TrainConfig(preset="nano", data=str(play_data), out=str(out), max_steps=2, batch_size=2, seq_len=16,
-                      generator_lr_mult=0.25, eval_every=2, save_every=2, eval_windows=2, sample_tokens=0,
-                      tensorboard=False, progress=False))
+    train(nano_run(play_data, out, generator_lr_mult=0.25))
     state = torch.load(out / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=False)
     groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
     assert groups["generator_matrices"]["lr"] == pytest.approx(0.25 * groups["matrices"]["lr"])
@@ -103,6 +122,7 @@ def test_recipes_command_and_unknown_recipe(run_cli, play_data, tmp_path):
     proc = run_cli("recipes")
     assert proc.returncode == 0 and "paper-405m" in proc.stdout and "cpu" in proc.stdout
     assert "default of: tfm++-405m, muddformer-405m" in proc.stdout
-    assert_one_line_error(run_cli("train", "--recipe", "fast", "--data", play_data, "--out", tmp_path / "r"),
-                          "unknown recipe 'fast'")
+    assert_one_line_error(
+        run_cli("train", "--recipe", "fast", "--data", play_data, "--out", tmp_path / "r"), "unknown recipe 'fast'"
+    )
     assert not (tmp_path / "r").exists()

@@ -9,9 +9,12 @@ ROOT = Path(__file__).parents[1]
 ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
 SECTIONS = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", ARCHITECTURE, flags=re.M))
 IDEAS = set(re.findall(r"^(\d+)\. \*\*", ARCHITECTURE.split("## 2.")[0], flags=re.M))
-FILES = [*sorted((ROOT / "src" / "muddformer").rglob("*.py")),
-         *sorted(p for p in (ROOT / "tests").glob("*.py") if p.name != "test_references.py"),
-         *sorted((ROOT / "scripts").rglob("*.py")), ROOT / "README.md"]
+FILES = [
+    *sorted((ROOT / "src" / "muddformer").rglob("*.py")),
+    *sorted(p for p in (ROOT / "tests").glob("*.py") if p.name != "test_references.py"),
+    *sorted((ROOT / "scripts").rglob("*.py")),
+    ROOT / "README.md",
+]
 
 
 def test_the_document_has_its_sections_and_ideas():

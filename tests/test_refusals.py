@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import build
 from safetensors.torch import load_file, save_file
 
 from muddformer import CheckpointError, InputError, MuddForCausalLM
 from muddformer.checkpoints import atomic_path, write_json_atomic
-
-from conftest import build
 
 
 def writable_copy(src, dst):
@@ -51,7 +50,9 @@ def test_unexpected_tensor(folder):
 
 def test_shape_mismatch(folder):
     rewrite(folder / "model.safetensors", lambda t: t.update({"dense_bs.1": torch.zeros(4, 4, dtype=torch.bfloat16)}))
-    with pytest.raises(CheckpointError, match=r"tensor 'connection.dense_bs.1' has shape \(4, 4\), the config expects \(4, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'connection.dense_bs.1' has shape \(4, 4\), the config expects \(4, 3\)"
+    ):
         MuddForCausalLM.from_pretrained(folder)
 
 
@@ -87,7 +88,9 @@ def test_corrupt_safetensors_header(folder):
 
 def test_missing_shard(sharded):
     os.remove(sharded / "model-00002-of-00002.safetensors")
-    with pytest.raises(CheckpointError, match="shard model-00002-of-00002.safetensors named in model.safetensors.index.json is missing"):
+    with pytest.raises(
+        CheckpointError, match="shard model-00002-of-00002.safetensors named in model.safetensors.index.json is missing"
+    ):
         MuddForCausalLM.from_pretrained(sharded)
 
 

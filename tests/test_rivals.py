@@ -3,6 +3,7 @@ paper's formula, causality, gradients, cached decoding, parameter counts, config
 
 import pytest
 import torch
+from conftest import RIVAL_CONNECTIONS, build, randomize_connection
 
 from muddformer import ConfigError, MuddConfig, copy_shared_weights, count_parameters
 from muddformer.connections.hyper import sinkhorn
@@ -10,8 +11,6 @@ from muddformer.kv_cache import KVCache, StaticKVCache
 from muddformer.layers import AttentionContext
 from muddformer.parallel import apply_activation_checkpointing
 from muddformer.recipes import get_recipe, param_groups
-
-from conftest import RIVAL_CONNECTIONS, build, randomize_connection
 
 BLOCKS = ["llama", "pythia"]
 
@@ -34,14 +33,18 @@ def sublayers(model, ctx):
 def explicit_hyper(model, x):
     """HC (arXiv 2409.19606 Eqs. 1-2, 11-13) and mHC (arXiv 2512.24880 Eqs. 7-9) written out with einsum."""
     cfg, conn = model.config, model.connection
-    n, ctx = cfg.hyper_streams, AttentionContext(rope=model.rope[:x.shape[1]][None])
+    n, ctx = cfg.hyper_streams, AttentionContext(rope=model.rope[: x.shape[1]][None])
     H = torch.stack([model.tok_embeddings(x)] * n, dim=2)  # (B, T, n, D)
     sites = [site for layer in conn.layers for site in layer.sites]
     for site, (_, f) in zip(sites, sublayers(model, ctx)):
         if cfg.connection == "hc":
             normed = site.norm(H)
-            alpha = site.static_alpha + site.alpha_scale * torch.tanh(torch.einsum("btnd,dk->btnk", normed, site.dynamic_alpha))
-            beta = site.static_beta + site.beta_scale * torch.tanh(torch.einsum("btnd,d->btn", normed, site.dynamic_beta))
+            alpha = site.static_alpha + site.alpha_scale * torch.tanh(
+                torch.einsum("btnd,dk->btnk", normed, site.dynamic_alpha)
+            )
+            beta = site.static_beta + site.beta_scale * torch.tanh(
+                torch.einsum("btnd,d->btn", normed, site.dynamic_beta)
+            )
             h = torch.einsum("btn,btnd->btd", alpha[..., 0], H)
             carried = torch.einsum("btij,btid->btjd", alpha[..., 1:], H)  # A_r^T H
         else:
@@ -49,8 +52,8 @@ def explicit_hyper(model, x):
             coeff = (flat / flat.pow(2).mean(-1, keepdim=True).add(cfg.norm_eps).sqrt()) @ site.projection
             a_pre, a_post, a_res = site.scales
             pre = torch.sigmoid(a_pre * coeff[..., :n] + site.bias_pre)
-            beta = 2 * torch.sigmoid(a_post * coeff[..., n:2 * n] + site.bias_post)
-            m = torch.exp(a_res * coeff[..., 2 * n:].unflatten(-1, (n, n)) + site.bias_res)
+            beta = 2 * torch.sigmoid(a_post * coeff[..., n : 2 * n] + site.bias_post)
+            m = torch.exp(a_res * coeff[..., 2 * n :].unflatten(-1, (n, n)) + site.bias_res)
             for _ in range(cfg.sinkhorn_iters):
                 m = m / m.sum(-1, keepdim=True)
                 m = m / m.sum(-2, keepdim=True)
@@ -65,7 +68,7 @@ def explicit_attnres(model, x, uniform=False):
     earlier outputs, or for Block AttnRes over the group sums and the open partial sum; `uniform`
     replaces every mix by the plain mean of its sources."""
     cfg, conn = model.config, model.connection
-    ctx = AttentionContext(rope=model.rope[:x.shape[1]][None])
+    ctx = AttentionContext(rope=model.rope[: x.shape[1]][None])
     n_groups = min(cfg.attnres_blocks, cfg.n_layer)
 
     def attend(site, sources):  # sub-layer 0 has no query: its one source passes through
@@ -263,9 +266,14 @@ def test_cached_decode_equals_full_forward_in_float64(connection, kind):
     cfg = model.config
     with torch.no_grad():
         full = model(x).logits
-        cache = KVCache(cfg.n_layer) if kind == "dynamic" else \
-            StaticKVCache(cfg.n_layer, 2, cfg.n_head, cfg.head_dim, 16, torch.float64, "cpu")
-        pieces = [model(x[:, :6], cache=cache).logits] + [model(x[:, t:t + 1], cache=cache).logits for t in range(6, 14)]
+        cache = (
+            KVCache(cfg.n_layer)
+            if kind == "dynamic"
+            else StaticKVCache(cfg.n_layer, 2, cfg.n_head, cfg.head_dim, 16, torch.float64, "cpu")
+        )
+        pieces = [model(x[:, :6], cache=cache).logits] + [
+            model(x[:, t : t + 1], cache=cache).logits for t in range(6, 14)
+        ]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-12, rtol=1e-12)
 
 
@@ -307,28 +315,42 @@ def test_no_scalar_parameters(connection):
     assert all(p.dim() >= 1 for p in build(connection=connection).connection.parameters())
 
 
-@pytest.mark.parametrize("connection, priors", [("hc", {"static_alpha", "static_beta"}),
-                                                ("mhc", {"bias_pre", "bias_post", "bias_res"})])
+@pytest.mark.parametrize(
+    "connection, priors", [("hc", {"static_alpha", "static_beta"}), ("mhc", {"bias_pre", "bias_post", "bias_res"})]
+)
 def test_static_priors_are_not_weight_decayed(connection, priors):
     model = build(connection=connection)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, get_recipe("cpu"))
-    decayed = {names[id(p)].rsplit(".", 1)[-1] for g in groups if g["weight_decay"] > 0 for p in g["params"]
-               if names[id(p)].startswith("connection.")}
-    kept = {names[id(p)].rsplit(".", 1)[-1] for g in groups if g["weight_decay"] == 0 for p in g["params"]
-            if names[id(p)].startswith("connection.")}
+    decayed = {
+        names[id(p)].rsplit(".", 1)[-1]
+        for g in groups
+        if g["weight_decay"] > 0
+        for p in g["params"]
+        if names[id(p)].startswith("connection.")
+    }
+    kept = {
+        names[id(p)].rsplit(".", 1)[-1]
+        for g in groups
+        if g["weight_decay"] == 0
+        for p in g["params"]
+        if names[id(p)].startswith("connection.")
+    }
     assert priors <= kept and not priors & decayed
     assert decayed == ({"dynamic_alpha"} if connection == "hc" else {"projection"})
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(hyper_streams=0), "MuddConfig.hyper_streams must be positive, got 0"),
-    (dict(sinkhorn_iters=0), "MuddConfig.sinkhorn_iters must be positive, got 0"),
-    (dict(attnres_blocks=-1), "MuddConfig.attnres_blocks must be positive, got -1"),
-    (dict(connection="mhc", hyper_streams=1), "hyper_streams=1 gives connection='mhc' a single stream"),
-    (dict(hyper_streams=2.5), "MuddConfig.hyper_streams must be int"),
-    (dict(connection="attnres-blocks"), "connection='attnres-blocks' is unknown"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hyper_streams=0), "MuddConfig.hyper_streams must be positive, got 0"),
+        (dict(sinkhorn_iters=0), "MuddConfig.sinkhorn_iters must be positive, got 0"),
+        (dict(attnres_blocks=-1), "MuddConfig.attnres_blocks must be positive, got -1"),
+        (dict(connection="mhc", hyper_streams=1), "hyper_streams=1 gives connection='mhc' a single stream"),
+        (dict(hyper_streams=2.5), "MuddConfig.hyper_streams must be int"),
+        (dict(connection="attnres-blocks"), "connection='attnres-blocks' is unknown"),
+    ],
+)
 def test_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as info:
         MuddConfig(**kwargs)

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import assert_grads_close, build, explicit_dense_forward, loss_and_grads, randomize_connection
 
 from muddformer import MuddConfig, MuddModel, copy_shared_weights
 from muddformer.config import config_to_published
 from muddformer.errors import ConfigError
-
-from conftest import assert_grads_close, build, explicit_dense_forward, loss_and_grads, randomize_connection
 
 # Each selects a different kind of subset; n_layer=4 so that dilation and period leave something out.
 SPARSE = [
@@ -71,8 +70,11 @@ def test_fresh_sparse_model_is_the_residual_model(options):
 @pytest.mark.parametrize("options", [dict(dense_sources="0,2"), dict(dense_streams="vr", dense_period=2)])
 def test_fast_mixes_and_recompute_equal_the_reference_on_sparse_models(impl, options):
     results = {}
-    for name, extra in (("reference", dict(mix_impl="reference")), ("fast", dict(mix_impl=impl)),
-                        ("recompute", dict(mix_impl=impl, recompute_mix=True))):
+    for name, extra in (
+        ("reference", dict(mix_impl="reference")),
+        ("fast", dict(mix_impl=impl)),
+        ("recompute", dict(mix_impl=impl, recompute_mix=True)),
+    ):
         model = build(seed=4, n_layer=4, **options, **extra)
         randomize_connection(model)
         results[name] = loss_and_grads(model, ids())
@@ -107,8 +109,18 @@ def test_parameter_layout_of_a_sparse_model():
 
 def test_last2_and_speedrun_presets():
     cfg = MuddConfig.from_preset("mudd-speedrun-small")  # 8 layers: the record's {0, L-3, L-1} and {0, L-1}
-    assert (cfg.dense_layers, cfg.dense_sources, cfg.dense_streams, cfg.dense_mix) == ("-2,-1", "-2:0,5,7;-1:0,7", "vr", "add")
-    assert (cfg.dense_add_scale, cfg.dense_v_gain, cfg.dense_v_after_proj, cfg.dense_gen_norm) == (0.2, 1.15, True, False)
+    assert (cfg.dense_layers, cfg.dense_sources, cfg.dense_streams, cfg.dense_mix) == (
+        "-2,-1",
+        "-2:0,5,7;-1:0,7",
+        "vr",
+        "add",
+    )
+    assert (cfg.dense_add_scale, cfg.dense_v_gain, cfg.dense_v_after_proj, cfg.dense_gen_norm) == (
+        0.2,
+        1.15,
+        True,
+        False,
+    )
     with pytest.raises(ConfigError, match="'mudd-trimmed-tiny' is now called 'mudd-last2-tiny'.*'mudd-speedrun-tiny'"):
         MuddConfig.from_preset("mudd-trimmed-tiny")
     cfg = MuddConfig.from_preset("mudd-last2-tiny")
@@ -120,17 +132,20 @@ def test_last2_and_speedrun_presets():
     assert sorted(model.connection.dense_bs) == ["1", "2"]
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(dense_streams="vx"), "distinct letters of 'qkvr'"),
-    (dict(dense_streams="vv"), "distinct letters"),
-    (dict(dense_layers="0,7"), r"layer 7 is outside \[-3, 3\)"),
-    (dict(dense_layers="a,b"), "comma-separated integers"),
-    (dict(dense_sources="5"), r"state 5 is outside \[0, 3\]"),
-    (dict(dense_dilation=0), "dense_dilation must be positive"),
-    (dict(dense_hidden=-1), "dense_hidden must be >= 0"),
-    (dict(connection="residual", dense_period=2), "apply to the dense connections"),
-    (dict(connection="ddformer", dense_streams="vr"), "needs a multiway connection"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(dense_streams="vx"), "distinct letters of 'qkvr'"),
+        (dict(dense_streams="vv"), "distinct letters"),
+        (dict(dense_layers="0,7"), r"layer 7 is outside \[-3, 3\)"),
+        (dict(dense_layers="a,b"), "comma-separated integers"),
+        (dict(dense_sources="5"), r"state 5 is outside \[0, 3\]"),
+        (dict(dense_dilation=0), "dense_dilation must be positive"),
+        (dict(dense_hidden=-1), "dense_hidden must be >= 0"),
+        (dict(connection="residual", dense_period=2), "apply to the dense connections"),
+        (dict(connection="ddformer", dense_streams="vr"), "needs a multiway connection"),
+    ],
+)
 def test_sparse_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         build(**options)

@@ -2,12 +2,18 @@
 
 import pytest
 import torch
+from conftest import (
+    assert_grads_close,
+    build,
+    explicit_dense_forward,
+    loss_and_grads,
+    randomize_connection,
+    speedrun_options,
+)
 
 from muddformer import copy_shared_weights
 from muddformer.config import config_to_published
 from muddformer.errors import ConfigError
-
-from conftest import assert_grads_close, build, explicit_dense_forward, loss_and_grads, randomize_connection
 
 CONTROLS = [dict(dense_cap=2.0), dict(dense_gen_scale=0.25), dict(dense_cap=0.5, dense_gen_scale=4.0)]
 
@@ -59,12 +65,15 @@ def test_cap_bounds_the_dynamic_weights_and_scale_multiplies_them():
         torch.testing.assert_close(scaled.connection.dense_weights(0, out) - prior, 0.1 * raw)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(dense_cap=-1.0), "dense_cap must be >= 0"),
-    (dict(dense_gen_scale=0.0), "dense_gen_scale must be positive"),
-    (dict(dense_cap=2.0, connection="denseformer"), "act on dynamic dense weights"),
-    (dict(dense_gen_scale=0.5, connection="residual"), "act on dynamic dense weights"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(dense_cap=-1.0), "dense_cap must be >= 0"),
+        (dict(dense_gen_scale=0.0), "dense_gen_scale must be positive"),
+        (dict(dense_cap=2.0, connection="denseformer"), "act on dynamic dense weights"),
+        (dict(dense_gen_scale=0.5, connection="residual"), "act on dynamic dense weights"),
+    ],
+)
 def test_control_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         build(**options)
@@ -77,8 +86,10 @@ def test_controls_cannot_be_written_in_the_published_format():
 
 def block_output_rms(model, x) -> list[float]:
     rms = []
-    hooks = [b.register_forward_hook(lambda mod, i, out: rms.append(out.float().pow(2).mean().sqrt().item()))
-             for b in model.layers]
+    hooks = [
+        b.register_forward_hook(lambda mod, i, out: rms.append(out.float().pow(2).mean().sqrt().item()))
+        for b in model.layers
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -101,24 +112,37 @@ def test_prepost_norm_keeps_a_deep_models_states_bounded_where_plain_mudd_explod
     assert 1e3 < max(rms["cap"]) < max(rms["plain"])
 
 
-SPEEDRUN_4 = dict(dense_mix="add", dense_gen_norm=False, dense_layers="-2,-1", dense_sources="-2:0,1,3;-1:0,3",
-                  dense_streams="vr", dense_hidden=16, dense_add_scale=0.2, dense_add_scale_by_sources=True,
-                  dense_v_gain=1.15, dense_v_after_proj=True)
-ADDITIVE = [("mudd", dict(dense_mix="add")), ("ddformer", dict(dense_mix="add")), ("denseformer", dict(dense_mix="add")),
-            ("mudd", dict(dense_mix="add", dense_add_scale=0.5, dense_gen_norm=False)),
-            ("ddformer", dict(dense_mix="add", dense_add_scale=0.5, dense_gen_norm=False)),
-            ("mudd", dict(dense_mix="add", dense_streams="vr", dense_layers="-2,-1", dense_sources="0,2")),
-            # the speedrun's whole form at n_layer 4: per-aggregation sources without the newest state after the
-            # last block, the scale over sqrt(sources), the V gain, the V mix after the value projection
-            ("mudd", SPEEDRUN_4),
-            ("mudd", {**SPEEDRUN_4, "dense_v_after_proj": False}),
-            ("mudd-static", {**SPEEDRUN_4, "dense_gen_norm": True}),
-            ("mudd", dict(dense_mix="add", dense_streams="qkvr", dense_sources="1:0,2;-1:0,1,3", dense_v_gain=2.0,
-                          dense_add_scale_by_sources=True))]
+SPEEDRUN_4 = speedrun_options(4)  # sources "-2:0,1,3;-1:0,3"
+ADDITIVE = [
+    ("mudd", dict(dense_mix="add")),
+    ("ddformer", dict(dense_mix="add")),
+    ("denseformer", dict(dense_mix="add")),
+    ("mudd", dict(dense_mix="add", dense_add_scale=0.5, dense_gen_norm=False)),
+    ("ddformer", dict(dense_mix="add", dense_add_scale=0.5, dense_gen_norm=False)),
+    ("mudd", dict(dense_mix="add", dense_streams="vr", dense_layers="-2,-1", dense_sources="0,2")),
+    # the speedrun's whole form at n_layer 4: per-aggregation sources without the newest state after the
+    # last block, the scale over sqrt(sources), the V gain, the V mix after the value projection
+    ("mudd", SPEEDRUN_4),
+    ("mudd", {**SPEEDRUN_4, "dense_v_after_proj": False}),
+    ("mudd-static", {**SPEEDRUN_4, "dense_gen_norm": True}),
+    (
+        "mudd",
+        dict(
+            dense_mix="add",
+            dense_streams="qkvr",
+            dense_sources="1:0,2;-1:0,1,3",
+            dense_v_gain=2.0,
+            dense_add_scale_by_sources=True,
+        ),
+    ),
+]
 
 
-@pytest.mark.parametrize("connection, options", ADDITIVE,
-                         ids=lambda o: o if isinstance(o, str) else ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "connection, options",
+    ADDITIVE,
+    ids=lambda o: o if isinstance(o, str) else ",".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_additive_mix_starts_as_the_residual_model_and_matches_the_formula(connection, options):
     model = fresh_model_equal_to_residual(connection, options)  # zero prior, zero W2: nothing added
     x = ids()
@@ -128,21 +152,24 @@ def test_additive_mix_starts_as_the_residual_model_and_matches_the_formula(conne
         torch.testing.assert_close(model(x).logits, explicit_dense_forward(model, x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(dense_mix="add", dense_norm="prepost"), "pick one"),
-    (dict(dense_mix="sum"), "dense_mix='sum' is unknown"),
-    (dict(dense_mix="add", connection="residual"), "apply to the dense connections"),
-    (dict(dense_gen_norm=False, connection="denseformer"), "applies to the dynamic dense connections"),
-    (dict(dense_v_after_proj=True, dense_streams="vr"), "set dense_mix='add'"),
-    (dict(dense_add_scale_by_sources=True), "set dense_mix='add'"),
-    (dict(dense_mix="add", dense_v_after_proj=True, dense_streams="qvr"), "no 'q' or 'k'"),
-    (dict(dense_mix="add", dense_v_after_proj=True, dense_streams="r"), "with 'v'"),
-    (dict(dense_mix="add", dense_v_gain=1.15, connection="ddformer"), "scales the V stream's mix"),
-    (dict(dense_sources="-1:0;-1:1"), "once per aggregation"),
-    (dict(dense_sources="x:0"), "once per aggregation"),
-    (dict(dense_sources="7:0"), r"aggregation 7 is outside"),
-    (dict(dense_sources="1:0,9"), r"state 9 is outside"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(dense_mix="add", dense_norm="prepost"), "pick one"),
+        (dict(dense_mix="sum"), "dense_mix='sum' is unknown"),
+        (dict(dense_mix="add", connection="residual"), "apply to the dense connections"),
+        (dict(dense_gen_norm=False, connection="denseformer"), "applies to the dynamic dense connections"),
+        (dict(dense_v_after_proj=True, dense_streams="vr"), "set dense_mix='add'"),
+        (dict(dense_add_scale_by_sources=True), "set dense_mix='add'"),
+        (dict(dense_mix="add", dense_v_after_proj=True, dense_streams="qvr"), "no 'q' or 'k'"),
+        (dict(dense_mix="add", dense_v_after_proj=True, dense_streams="r"), "with 'v'"),
+        (dict(dense_mix="add", dense_v_gain=1.15, connection="ddformer"), "scales the V stream's mix"),
+        (dict(dense_sources="-1:0;-1:1"), "once per aggregation"),
+        (dict(dense_sources="x:0"), "once per aggregation"),
+        (dict(dense_sources="7:0"), r"aggregation 7 is outside"),
+        (dict(dense_sources="1:0,9"), r"state 9 is outside"),
+    ],
+)
 def test_additive_mix_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         build(**options)
@@ -155,8 +182,8 @@ def test_speedrun_form_layout_and_its_mix_scales():
     conn = model.connection
     assert {k: tuple(b.shape) for k, b in conn.dense_bs.items()} == {"2": (2, 3), "3": (1, 2)}
     assert [agg and agg.sources for agg in conn.plan] == [None, None, (0, 1, 3), (0, 3)]
-    assert conn.add_scales[2][2:] == pytest.approx([0.2 / 3 ** 0.5 * 1.15, 0.2 / 3 ** 0.5])
-    assert conn.add_scales[3][0] == pytest.approx(0.2 / 2 ** 0.5)
+    assert conn.add_scales[2][2:] == pytest.approx([0.2 / 3**0.5 * 1.15, 0.2 / 3**0.5])
+    assert conn.add_scales[3][0] == pytest.approx(0.2 / 2**0.5)
     assert [conn.multiway_input(layer) for layer in range(4)] == [False] * 4
     assert [g.norm is None and not g.input_norm for g in conn.dynamic_dense.values()] == [True, True]
 

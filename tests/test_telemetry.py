@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error, build, nano_run
 
 from muddformer.telemetry import BLOWUP, SpikeWatch, group_grad_norms, weight_stats
-from muddformer.train import TrainConfig, train
-
-from conftest import assert_one_line_error, build
+from muddformer.train import train
 
 
 def test_static_weights_give_their_own_statistics_and_no_spread():
@@ -57,9 +56,7 @@ def test_spike_and_blowup_reports_name_the_layer_and_the_fixes():
 @pytest.mark.parametrize("connection, telemetry", [("mudd", True), ("residual", True), ("mudd", False)])
 def test_metrics_carry_the_telemetry(play_data, tmp_path, connection, telemetry):
     out = tmp_path / "run"
-    train(TrainConfig(preset="nano", connection=connection, data=str(play_data), out=str(out), max_steps=2,
-                      batch_size=2, seq_len=16, log_every=1, eval_every=2, save_every=2, eval_windows=2, sample_tokens=0,
-                      tensorboard=False, progress=False, telemetry=telemetry))
+    train(nano_run(play_data, out, connection=connection, log_every=1, telemetry=telemetry))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert len(train_records) == 2
@@ -69,18 +66,25 @@ def test_metrics_carry_the_telemetry(play_data, tmp_path, connection, telemetry)
         if not telemetry:
             assert not dense and not groups
             continue
-        assert groups == ({"grad_norm/matrices", "grad_norm/vectors"} |
-                          ({"grad_norm/generator_matrices", "grad_norm/priors"} if connection == "mudd" else set()))
-        assert (dense == {f"dense/{l}/{s}/{k}" for l, streams in ((0, "qkvr"), (1, "r")) for s in streams
-                          for k in ("mean_abs", "max_abs", "token_std")}) == (connection == "mudd")
+        assert groups == (
+            {"grad_norm/matrices", "grad_norm/vectors"}
+            | ({"grad_norm/generator_matrices", "grad_norm/priors"} if connection == "mudd" else set())
+        )
+        assert (
+            dense
+            == {
+                f"dense/{l}/{s}/{k}"
+                for l, streams in ((0, "qkvr"), (1, "r"))
+                for s in streams
+                for k in ("mean_abs", "max_abs", "token_std")
+            }
+        ) == (connection == "mudd")
         assert connection != "mudd" or r["dense/0/q/max_abs"] >= r["dense/0/q/mean_abs"] > 0
 
 
 def test_analyze_plots_a_runs_telemetry(play_data, tmp_path, run_cli):
     run = tmp_path / "run"
-    train(TrainConfig(preset="nano", data=str(play_data), out=str(run), max_steps=3, batch_size=2, seq_len=16,
-                      log_every=1, eval_every=3, save_every=3, eval_windows=2, sample_tokens=0, tensorboard=False,
-                      progress=False))
+    train(nano_run(play_data, run, max_steps=3, log_every=1, eval_every=3, save_every=3))
     proc = run_cli("analyze", "--run", run, "--out", tmp_path / "analysis")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "analysis" / "analysis.json").read_text())

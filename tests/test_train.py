@@ -9,20 +9,37 @@ import time
 
 import pytest
 import torch
+from conftest import nano_run
 from safetensors.torch import load_file
 
-from muddformer import MuddForCausalLM
+from muddformer import MuddConfig, MuddForCausalLM, MuddModel
 from muddformer.recipes import get_recipe, param_groups
 from muddformer.train import TrainConfig, lr_at, train
-from muddformer import MuddModel, MuddConfig
 
-SMALL = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--eval-windows", "8", "--sample-tokens", "8",
-         "--no-progress", "--no-tensorboard"]
+SMALL = [
+    "--preset",
+    "nano",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-windows",
+    "8",
+    "--sample-tokens",
+    "8",
+    "--no-progress",
+    "--no-tensorboard",
+]
 
 
 def run_cli(args, timeout=300, **kwargs):
-    return subprocess.run([sys.executable, "-m", "muddformer.cli", "train", *args], capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "muddformer.cli", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def weights(folder):
@@ -38,9 +55,21 @@ def assert_same_weights(a, b):
 
 def test_short_run_writes_a_complete_run_folder(play_data, tmp_path):
     out = tmp_path / "run"
-    final = train(TrainConfig(preset="nano", data=str(play_data), out=str(out), max_steps=40, batch_size=8, seq_len=64,
-                              eval_every=20, save_every=20, log_every=5, eval_windows=16, sample_tokens=20,
-                              progress=False))
+    final = train(
+        nano_run(
+            play_data,
+            out,
+            max_steps=40,
+            batch_size=8,
+            seq_len=64,
+            eval_every=20,
+            save_every=20,
+            log_every=5,
+            eval_windows=16,
+            sample_tokens=20,
+            tensorboard=True,
+        )
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     vals = [r for r in records if "val_loss" in r]
@@ -68,8 +97,11 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--max-steps", "120", "--save-every", "4", "--eval-every", "60"]
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert run_cli(args + ["--out", str(full)]).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "muddformer.cli", "train", *args, "--out", str(broken)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "muddformer.cli", "train", *args, "--out", str(broken)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (broken / "checkpoints" / "step_000008").exists():
         assert proc.poll() is None and time.time() < deadline
@@ -114,8 +146,25 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(play_data, tmp_pat
 
 def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(SMALL + ["--data", str(play_data), "--out", str(out), "--max-steps", "30", "--lr", "1e30",
-                            "--warmup", "0", "--save-every", "1", "--grad-clip", "1e30"])
+    proc = run_cli(
+        SMALL
+        + [
+            "--data",
+            str(play_data),
+            "--out",
+            str(out),
+            "--max-steps",
+            "30",
+            "--lr",
+            "1e30",
+            "--warmup",
+            "0",
+            "--save-every",
+            "1",
+            "--grad-clip",
+            "1e30",
+        ]
+    )
     assert proc.returncode == 2
     assert "mudd: error: loss became" in proc.stderr and "Traceback" not in proc.stderr
     assert "the last good checkpoint is" in proc.stderr
@@ -124,14 +173,17 @@ def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
     MuddForCausalLM.from_pretrained(out / "checkpoints" / kept[-1])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data", "/nonexistent/data"], "data folder /nonexistent/data does not exist"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--set", "n_layers=3"], "unknown MuddConfig field 'n_layers'"),
-    (["--seq-len", "65"], "--seq-len 65 exceeds the model's context block_size=64"),
-    (["--set", "vocab_size=300"], "512-token vocabulary but the model has vocab_size=300"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/data"], "data folder /nonexistent/data does not exist"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--set", "n_layers=3"], "unknown MuddConfig field 'n_layers'"),
+        (["--seq-len", "65"], "--seq-len 65 exceeds the model's context block_size=64"),
+        (["--set", "vocab_size=300"], "512-token vocabulary but the model has vocab_size=300"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(play_data, tmp_path, args, message):
     out = tmp_path / "run"
     base = ["--preset", "nano", "--data", str(play_data), "--out", str(out), "--max-steps", "2"]
@@ -146,8 +198,7 @@ def test_config_file_overrides_and_empty_data(play_data, tmp_path):
     cfg = tmp_path / "model.yaml"
     cfg.write_text("n_layer: 3\nconnection: denseformer\n")
     out = tmp_path / "run"
-    train(TrainConfig(preset="nano", config=str(cfg), data=str(play_data), out=str(out), max_steps=2, batch_size=2,
-                      seq_len=16, progress=False, sample_tokens=0, tensorboard=False))
+    train(nano_run(play_data, out, config=str(cfg), eval_windows=64))
     saved = json.loads((out / "checkpoints" / "step_000002" / "config.json").read_text())
     assert saved["n_layer"] == 3 and saved["connection"] == "denseformer"
     empty = tmp_path / "empty"
@@ -173,24 +224,24 @@ def test_recipe_schedule_and_weight_decay_groups():
     assert TrainConfig(preset="tiny").resolved()[0].lr == 3e-3
 
 
-@pytest.mark.parametrize("option", [dict(activation_checkpointing=True), dict(grad_accum=2, batch_size=2),
-                                    dict(dtype="bfloat16")])
+@pytest.mark.parametrize(
+    "option", [dict(activation_checkpointing=True), dict(grad_accum=2, batch_size=2), dict(dtype="bfloat16")]
+)
 def test_options_train_like_the_plain_loop(play_data, tmp_path, option):
-    base = dict(preset="nano", data=str(play_data), max_steps=3, batch_size=4, seq_len=32, progress=False,
-                sample_tokens=0, tensorboard=False, save_every=3, eval_every=3, eval_windows=4)
-    plain = train(TrainConfig(**base, out=str(tmp_path / "plain")))
-    other = train(TrainConfig(**{**base, **option}, out=str(tmp_path / "other")))
+    base = dict(max_steps=3, batch_size=4, seq_len=32, save_every=3, eval_every=3, eval_windows=4)
+    plain = train(nano_run(play_data, tmp_path / "plain", **base))
+    other = train(nano_run(play_data, tmp_path / "other", **{**base, **option}))
     tol = 0.05 if option.get("dtype") == "bfloat16" else 1e-5
     assert other["loss"] == pytest.approx(plain["loss"], abs=tol)
     if "activation_checkpointing" in option:
-        assert_same_weights(tmp_path / "plain" / "checkpoints" / "step_000003", tmp_path / "other" / "checkpoints" / "step_000003")
+        assert_same_weights(
+            tmp_path / "plain" / "checkpoints" / "step_000003", tmp_path / "other" / "checkpoints" / "step_000003"
+        )
 
 
 def test_compile_with_activation_checkpointing(play_data, tmp_path):
-    base = dict(preset="nano", data=str(play_data), max_steps=2, batch_size=2, seq_len=16, progress=False,
-                sample_tokens=0, tensorboard=False, eval_windows=2)
-    plain = train(TrainConfig(**base, out=str(tmp_path / "plain")))
-    compiled = train(TrainConfig(**base, compile=True, activation_checkpointing=True, out=str(tmp_path / "compiled")))
+    plain = train(nano_run(play_data, tmp_path / "plain"))
+    compiled = train(nano_run(play_data, tmp_path / "compiled", compile=True, activation_checkpointing=True))
     assert compiled["loss"] == pytest.approx(plain["loss"], abs=1e-4)
     assert compiled["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4)
 
@@ -198,9 +249,28 @@ def test_compile_with_activation_checkpointing(play_data, tmp_path):
 def test_default_data_is_the_bundled_corpus(tmp_path):
     env = {**os.environ, "MUDD_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
-    proc = run_cli(["--preset", "nano", "--set", "vocab_size=8192", "--max-steps", "2", "--batch-size", "2",
-                    "--seq-len", "32", "--eval-windows", "2", "--sample-tokens", "4", "--no-progress", "--out", str(out)],
-                   env=env)
+    proc = run_cli(
+        [
+            "--preset",
+            "nano",
+            "--set",
+            "vocab_size=8192",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--eval-windows",
+            "2",
+            "--sample-tokens",
+            "4",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     prepared = tmp_path / "cache" / "data" / "shakespeare-bpe8192"
     meta = json.loads((prepared / "meta.json").read_text())

@@ -52,11 +52,14 @@ def interpreter():
             try:
                 _interpret_triton_helpers(patch)
             except ImportError as err:
-                pytest.skip(f"triton was imported before TRITON_INTERPRET=1 was set and its helpers "
-                            f"cannot be swapped for interpreted ones here ({err})")
+                pytest.skip(
+                    f"triton was imported before TRITON_INTERPRET=1 was set and its helpers "
+                    f"cannot be swapped for interpreted ones here ({err})"
+                )
         if not triton_available("cpu"):
-            pytest.skip("triton's interpreter is not usable in this process; set TRITON_INTERPRET=1 "
-                        "before starting pytest")
+            pytest.skip(
+                "triton's interpreter is not usable in this process; set TRITON_INTERPRET=1 before starting pytest"
+            )
         yield
 
 
@@ -123,11 +126,14 @@ def test_float32_weights_with_bfloat16_states_broadcast_over_tokens():
     torch.testing.assert_close(gW, want_gW, rtol=1e-5, atol=1e-5)  # bf16 inputs, float32 products and sum
 
 
-@pytest.mark.parametrize("X_shape,W_shape,message", [
-    ((3, 2, 8), (3, 1, 4), "does not fit"),  # W mixes 4 states, X holds 2
-    ((3, 2, 8), (2, 1, 2), "does not fit"),  # token counts differ
-    ((3, 2), (3, 1, 2), "must be"),
-])
+@pytest.mark.parametrize(
+    "X_shape,W_shape,message",
+    [
+        ((3, 2, 8), (3, 1, 4), "does not fit"),  # W mixes 4 states, X holds 2
+        ((3, 2, 8), (2, 1, 2), "does not fit"),  # token counts differ
+        ((3, 2), (3, 1, 2), "must be"),
+    ],
+)
 def test_shape_mismatch_raises(X_shape, W_shape, message):
     X, W = torch.zeros(X_shape), torch.zeros(W_shape)
     G = torch.zeros(W_shape[0], W_shape[1], 8)

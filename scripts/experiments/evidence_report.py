@@ -32,32 +32,43 @@ def fmt(value: float | None, spec: str = "+.4f") -> str:
 
 def main_table(results: dict) -> list[str]:
     lr_for, base = results["settings"]["lr_for"], results["connections"]["residual"]
-    rows = ["| connection | params | peak LR | val loss mean ± std (n) | Δ vs residual | p (Welch) | d | "
-            "compute multiplier | std / residual's |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| connection | params | peak LR | val loss mean ± std (n) | Δ vs residual | p (Welch) | d | "
+        "compute multiplier | std / residual's |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in results["connections_order"]:
         r = results["connections"][name]
         ratio = r["std"] / base["std"] if r["std"] and base["std"] else None
-        rows.append(f"| {name} | {r['parameters']:,} | {lr_for.get(name, results['settings']['lr'])} | "
-                    f"{r['mean']:.4f} ± {r['std']:.4f} ({len(r['final_val_loss'])}) | "
-                    f"{'—' if name == 'residual' else fmt(r['delta_vs_baseline'])} | {format_p(r['welch'])} | "
-                    f"{fmt(r['welch'] and r['welch']['d'], '+.2f')} | {format_multiplier(r['compute_multiplier'])} | "
-                    f"{fmt(ratio, '.2f')} |")
+        rows.append(
+            f"| {name} | {r['parameters']:,} | {lr_for.get(name, results['settings']['lr'])} | "
+            f"{r['mean']:.4f} ± {r['std']:.4f} ({len(r['final_val_loss'])}) | "
+            f"{'—' if name == 'residual' else fmt(r['delta_vs_baseline'])} | {format_p(r['welch'])} | "
+            f"{fmt(r['welch'] and r['welch']['d'], '+.2f')} | {format_multiplier(r['compute_multiplier'])} | "
+            f"{fmt(ratio, '.2f')} |"
+        )
     return rows
 
 
 def versus(results: dict, a: str, b: str) -> dict:
     """a against b: Δ of the means, the test, and the multiplier read on b's own mean curve."""
     ra, rb = results["connections"][a], results["connections"][b]
-    curve = results["baseline_long"]["curve"] if b == results["baseline"] and results.get("baseline_long") else rb["curve"]
-    return {"delta": ra["mean"] - rb["mean"], **difference_test(ra["final_val_loss"], rb["final_val_loss"]),
-            "multiplier": compute_multiplier(curve["step"], curve["mean"], ra["mean"], results["steps"])}
+    curve = (
+        results["baseline_long"]["curve"] if b == results["baseline"] and results.get("baseline_long") else rb["curve"]
+    )
+    return {
+        "delta": ra["mean"] - rb["mean"],
+        **difference_test(ra["final_val_loss"], rb["final_val_loss"]),
+        "multiplier": compute_multiplier(curve["step"], curve["mean"], ra["mean"], results["steps"]),
+    }
 
 
 def gain(results: dict) -> tuple[float, float]:
     """MUDD's mean loss minus residual's and the standard error of that difference."""
     m, r = (results["connections"][n]["final_val_loss"] for n in ("mudd", "residual"))
-    return statistics.fmean(m) - statistics.fmean(r), math.sqrt(statistics.variance(m) / len(m) +
-                                                                 statistics.variance(r) / len(r))
+    return statistics.fmean(m) - statistics.fmean(r), math.sqrt(
+        statistics.variance(m) / len(m) + statistics.variance(r) / len(r)
+    )
 
 
 def main() -> None:
@@ -69,16 +80,19 @@ def main() -> None:
     summary: dict = {"mudd_vs": {}}
     for other in ("residual", "ddformer"):
         v = summary["mudd_vs"][other] = versus(main_results, "mudd", other)
-        lines.append(f"- MUDD against {other}: Δ {v['delta']:+.4f}, p {format_p(v)}, d {fmt(v['d'], '+.2f')}, "
-                     f"compute multiplier {format_multiplier(v['multiplier'])}")
+        lines.append(
+            f"- MUDD against {other}: Δ {v['delta']:+.4f}, p {format_p(v)}, d {fmt(v['d'], '+.2f')}, "
+            f"compute multiplier {format_multiplier(v['multiplier'])}"
+        )
     m, r = (main_results["connections"][n] for n in ("mudd", "residual"))
     mult = m["compute_multiplier"]
     targets = {
-        "p < 0.01 against residual": (m["welch"]["p"] is not None and m["welch"]["p"] < 0.01 and m["mean"] < r["mean"],
-                                      f"p {format_p(m['welch'])}, Δ {m['delta_vs_baseline']:+.4f}"),
+        "p < 0.01 against residual": (
+            m["welch"]["p"] is not None and m["welch"]["p"] < 0.01 and m["mean"] < r["mean"],
+            f"p {format_p(m['welch'])}, Δ {m['delta_vs_baseline']:+.4f}",
+        ),
         "seed std <= 2x residual's": (m["std"] <= 2 * r["std"], f"{m['std']:.4f} against {r['std']:.4f}"),
-        "compute multiplier >= 1.5": ((mult["multiplier"] or mult["lower_bound"] or 0) >= 1.5,
-                                      format_multiplier(mult)),
+        "compute multiplier >= 1.5": ((mult["multiplier"] or mult["lower_bound"] or 0) >= 1.5, format_multiplier(mult)),
     }
     summary["targets"] = {k: {"met": bool(ok), "value": text} for k, (ok, text) in targets.items()}
     lines += ["", "| target | met | value |", "|---|---|---|"]
@@ -91,11 +105,15 @@ def main() -> None:
         lines += ["", "| depth | residual | mudd | MUDD − residual (± s.e.) | p (Welch) |", "|---|---:|---:|---:|---:|"]
         for label, res, g in (("6 layers, dim 192", main_results, shallow), ("18 layers, dim 112", depth, deep)):
             c = res["connections"]
-            lines.append(f"| {label} | {c['residual']['mean']:.4f} ± {c['residual']['std']:.4f} | "
-                         f"{c['mudd']['mean']:.4f} ± {c['mudd']['std']:.4f} | {g[0]:+.4f} ± {g[1]:.4f} | "
-                         f"{format_p(c['mudd']['welch'])} |")
-        lines.append(f"\nGain at 18 layers minus gain at 6: {diff:+.4f} ± {se:.4f} (normal approximation p "
-                     f"{'—' if p is None else f'{p:.3g}'}; negative means MUDD gains more when deeper).")
+            lines.append(
+                f"| {label} | {c['residual']['mean']:.4f} ± {c['residual']['std']:.4f} | "
+                f"{c['mudd']['mean']:.4f} ± {c['mudd']['std']:.4f} | {g[0]:+.4f} ± {g[1]:.4f} | "
+                f"{format_p(c['mudd']['welch'])} |"
+            )
+        lines.append(
+            f"\nGain at 18 layers minus gain at 6: {diff:+.4f} ± {se:.4f} (normal approximation p "
+            f"{'—' if p is None else f'{p:.3g}'}; negative means MUDD gains more when deeper)."
+        )
     print("\n".join(lines))
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 

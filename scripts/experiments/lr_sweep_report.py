@@ -67,8 +67,9 @@ def main() -> None:
     print("|---|" + "---:|" * (len(lrs) + 1))
     for c in order:
         best = min(losses[c], key=losses[c].get) if losses[c] else None
-        cells = [("**{:.4f}**" if lr == best else "{:.4f}").format(losses[c][lr]) if lr in losses[c] else "-"
-                 for lr in lrs]
+        cells = [
+            ("**{:.4f}**" if lr == best else "{:.4f}").format(losses[c][lr]) if lr in losses[c] else "-" for lr in lrs
+        ]
         status = "" if c not in sum(todo.values(), []) else " (not decided)"
         print(f"| {c} | " + " | ".join(cells) + f" | {f'{best:g}' if best else '-'}{status} |")
     if todo:

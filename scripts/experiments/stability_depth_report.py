@@ -26,15 +26,25 @@ def main() -> None:
             flagged = [r["step"] for r in train if watch.check(r["step"], r)]
             peak = max(train, key=lambda r: r["grad_norm"])
             vals = [r for r in records if "val_loss" in r]
-            rows.append({"variant": variant, "seed": run.name, "final_val_loss": vals[-1]["val_loss"],
-                         "val_step": vals[-1]["step"], "max_grad_norm": peak["grad_norm"], "at_step": peak["step"],
-                         "spike_steps": flagged})
+            rows.append(
+                {
+                    "variant": variant,
+                    "seed": run.name,
+                    "final_val_loss": vals[-1]["val_loss"],
+                    "val_step": vals[-1]["step"],
+                    "max_grad_norm": peak["grad_norm"],
+                    "at_step": peak["step"],
+                    "spike_steps": flagged,
+                }
+            )
             curves[(variant, run.name)] = train
     print("| variant | seed | val loss (step) | max grad norm (step) | spike warnings at steps |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['seed']} | {r['final_val_loss']:.3f} ({r['val_step']}) | "
-              f"{r['max_grad_norm']:.3g} ({r['at_step']}) | {', '.join(map(str, r['spike_steps'])) or '-'} |")
+        print(
+            f"| {r['variant']} | {r['seed']} | {r['final_val_loss']:.3f} ({r['val_step']}) | "
+            f"{r['max_grad_norm']:.3g} ({r['at_step']}) | {', '.join(map(str, r['spike_steps'])) or '-'} |"
+        )
     (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     plt = pyplot()
     fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(14, 4.5), layout="constrained")

@@ -46,8 +46,10 @@ def main() -> None:
         for on in (False, True):
             times[on].append(step(on))
     off, on = statistics.median(times[False]), statistics.median(times[True])
-    print(f"{args.preset}: step {off * 1e3:.1f} ms without telemetry, {on * 1e3:.1f} ms with "
-          f"(ratio {on / off:.4f} on a log step)")
+    print(
+        f"{args.preset}: step {off * 1e3:.1f} ms without telemetry, {on * 1e3:.1f} ms with "
+        f"(ratio {on / off:.4f} on a log step)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,5 +10,17 @@ from .errors import CheckpointError, ConfigError, InputError, MuddError  # noqa:
 from .hf import MuddForCausalLM, MuddHFConfig  # noqa: E402
 from .model import CausalLMOutput, MuddModel, copy_shared_weights, count_parameters  # noqa: E402
 
-__all__ = ["MuddConfig", "MuddModel", "MuddForCausalLM", "MuddHFConfig", "CausalLMOutput", "count_parameters",
-           "copy_shared_weights", "MuddError", "ConfigError", "CheckpointError", "InputError", "__version__"]
+__all__ = [
+    "MuddConfig",
+    "MuddModel",
+    "MuddForCausalLM",
+    "MuddHFConfig",
+    "CausalLMOutput",
+    "count_parameters",
+    "copy_shared_weights",
+    "MuddError",
+    "ConfigError",
+    "CheckpointError",
+    "InputError",
+    "__version__",
+]

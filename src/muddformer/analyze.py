@@ -47,8 +47,9 @@ def sink_mask(tokens: torch.Tensor, sink_token_ids: Iterable[int], sink_position
     return mask
 
 
-def head_activity(q: torch.Tensor, k: torch.Tensor, is_sink: torch.Tensor, sink_positions: int
-                  ) -> tuple[torch.Tensor, int]:
+def head_activity(
+    q: torch.Tensor, k: torch.Tensor, is_sink: torch.Tensor, sink_positions: int
+) -> tuple[torch.Tensor, int]:
     """Active (head, query) pairs per head (H,) and the pairs counted per head; query positions below
     `sink_positions` are left out. A pair is active when its largest attention weight is not on a sink."""
     B, H, T, _ = q.shape
@@ -121,6 +122,7 @@ class _Recorder:
                 self.pending = layer
             else:
                 self._record_input(layer, args[0])
+
         return hook
 
     def _norm_pre(self, layer: int):
@@ -128,6 +130,7 @@ class _Recorder:
             if self.pending == layer:
                 self.pending = None
                 self._record_input(layer, args[0])
+
         return hook
 
     def _record_input(self, layer: int, x) -> None:
@@ -151,6 +154,7 @@ class _Recorder:
             active, counted = head_activity(q, k, is_sink, self.sink_positions)
             self.active[layer] += active.cpu()
             self.counted[layer] += counted
+
         return hook
 
     # Dense weights from the block output, through the connection's own public method.
@@ -168,9 +172,13 @@ class _Recorder:
             if layer not in self.weights:
                 positions = plan[layer].streams if plan is not None else range(w.shape[2])
                 sources = plan[layer].sources if plan is not None else range(w.shape[3])
-                self.weights[layer] = {"streams": self._stream_names(layer, positions), "sources": list(sources),
-                                       "sum": torch.zeros_like(total)}
+                self.weights[layer] = {
+                    "streams": self._stream_names(layer, positions),
+                    "sources": list(sources),
+                    "sum": torch.zeros_like(total),
+                }
             self.weights[layer]["sum"] += total
+
         return hook
 
     def _stream_names(self, layer: int, positions: Iterable[int]) -> list[str]:
@@ -186,18 +194,29 @@ class _Recorder:
         cosine = {name: [float(v) for v in self.cos[s] / n] for s, name in enumerate(names)}
         per_head = [[float(a / c) if c else None for a in row.tolist()] for row, c in zip(self.active, self.counted)]
         ratio = [float(row.sum() / (c * self.H)) if c else None for row, c in zip(self.active, self.counted)]
-        return {"cosine_similarity": {"streams": list(names), "pairs": [[l, l + 1] for l in range(self.L - 1)],
-                                      "mean": cosine},
-                "head_activation": {"ratio": ratio, "per_head": per_head,
-                                    "query_positions": [int(c) for c in self.counted]},
-                "dense_weights": self._dense_report(n)}
+        return {
+            "cosine_similarity": {
+                "streams": list(names),
+                "pairs": [[l, l + 1] for l in range(self.L - 1)],
+                "mean": cosine,
+            },
+            "head_activation": {
+                "ratio": ratio,
+                "per_head": per_head,
+                "query_positions": [int(c) for c in self.counted],
+            },
+            "dense_weights": self._dense_report(n),
+        }
 
     def _dense_report(self, n: int) -> dict:
         conn = self.model.connection
         if not self.dense:
             name = self.model.config.connection
-            why = "a residual model mixes no earlier states" if name == "residual" else \
-                f"connection {name!r} is not a dense connection; its mixing has no (layer, source) weights"
+            why = (
+                "a residual model mixes no earlier states"
+                if name == "residual"
+                else f"connection {name!r} is not a dense connection; its mixing has no (layer, source) weights"
+            )
             return {"note": why}
         names = STREAMS if conn.n_streams == 4 else (SINGLE,)
         grid = {name: [[None] * (self.L + 1) for _ in range(self.L)] for name in names}
@@ -206,17 +225,24 @@ class _Recorder:
             for c, name in enumerate(entry["streams"]):
                 for j, source in enumerate(entry["sources"]):
                     grid[name][layer][source] = mean[c][j]
-        report = {"streams": list(names), "rows": "layer l: the aggregation after block l",
-                  "columns": "source j: 0 = embedding, j = output of block j-1", "mean": grid}
+        report = {
+            "streams": list(names),
+            "rows": "layer l: the aggregation after block l",
+            "columns": "source j: 0 = embedding, j = output of block j-1",
+            "mean": grid,
+        }
         if getattr(conn, "prepost", False):
-            report["note"] = ("PrePostDANorm: the weights mix normalised states; the R stream's sum is normalised "
-                              "again and every stream adds the newest state")
+            report["note"] = (
+                "PrePostDANorm: the weights mix normalised states; the R stream's sum is normalised "
+                "again and every stream adds the newest state"
+            )
         return report
 
 
 @torch.no_grad()
-def analyze_model(model, token_batches: Iterable[torch.Tensor], sink_token_ids: Iterable[int],
-                  sink_positions: int = 2) -> dict:
+def analyze_model(
+    model, token_batches: Iterable[torch.Tensor], sink_token_ids: Iterable[int], sink_positions: int = 2
+) -> dict:
     """Cosine similarity of adjacent block inputs, head activation ratios and mean dense weights of
     `model` (a MuddModel) over `token_batches` (each (B, T) token ids).
 
@@ -238,8 +264,15 @@ def analyze_model(model, token_batches: Iterable[torch.Tensor], sink_token_ids: 
         recorder.remove()
         model.train(was_training)
     cfg = model.config
-    return {"connection": cfg.connection, "block": cfg.block, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-            "tokens": recorder.token_count, "sequences": sequences, **recorder.report()}
+    return {
+        "connection": cfg.connection,
+        "block": cfg.block,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "tokens": recorder.token_count,
+        "sequences": sequences,
+        **recorder.report(),
+    }
 
 
 # ---- text and tokens --------------------------------------------------------------------------------
@@ -280,8 +313,9 @@ def trained_on_bundled(folder: str) -> bool:
     return source == f"bundled:{BUNDLED}"
 
 
-def text_tokens(tokenizer, tokenizer_path: Path, text: str | None, max_tokens: int, folder: str
-                ) -> tuple[list[int], str]:
+def text_tokens(
+    tokenizer, tokenizer_path: Path, text: str | None, max_tokens: int, folder: str
+) -> tuple[list[int], str]:
     """Token ids (at most max_tokens) of the text file, or of the bundled validation split; and a source label."""
     if text is not None:
         path = Path(text)
@@ -293,8 +327,9 @@ def text_tokens(tokenizer, tokenizer_path: Path, text: str | None, max_tokens: i
         return ids, str(path)
     ids = bundled_validation_tokens(tokenizer_path, folder, max_tokens)
     if ids is None:
-        raise InputError(f"{folder} does not use the bundled corpus's tokenizer, so there is no default text; "
-                         "pass --text FILE")
+        raise InputError(
+            f"{folder} does not use the bundled corpus's tokenizer, so there is no default text; pass --text FILE"
+        )
     return ids, "bundled corpus, validation split"
 
 
@@ -355,16 +390,23 @@ def analyze_folder(folder: str, args: argparse.Namespace, device: str) -> dict:
     tok = load_tokenizer(tok_path)
     seq_len = args.seq_len or min(cfg.block_size, 512)
     if not args.sink_positions < seq_len <= cfg.block_size:
-        raise InputError(f"--seq-len {seq_len} must be above --sink-positions ({args.sink_positions}) and at most "
-                         f"the context length block_size={cfg.block_size} of {folder}")
+        raise InputError(
+            f"--seq-len {seq_len} must be above --sink-positions ({args.sink_positions}) and at most "
+            f"the context length block_size={cfg.block_size} of {folder}"
+        )
     ids, source = text_tokens(tok, tok_path, args.text, args.max_tokens, folder)
     sequences = cut_sequences(ids, seq_len, args.sink_positions)
     sinks = sink_tokens(tok, tok_path, parse_sink_tokens(args.sink_tokens))
     model = load_model(folder, dtype=args.dtype, device=device)
-    batches = (sequences[i:i + args.batch_size] for i in range(0, len(sequences), args.batch_size))
+    batches = (sequences[i : i + args.batch_size] for i in range(0, len(sequences), args.batch_size))
     report = analyze_model(model, batches, sinks.values(), args.sink_positions)
-    return {"folder": str(folder), "text": source, "seq_len": sequences.shape[1],
-            "sink_tokens": [{"text": s, "id": i} for s, i in sinks.items()], **report}
+    return {
+        "folder": str(folder),
+        "text": source,
+        "seq_len": sequences.shape[1],
+        "sink_tokens": [{"text": s, "id": i} for s, i in sinks.items()],
+        **report,
+    }
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -388,8 +430,10 @@ def run_telemetry(run: Path, out: Path) -> dict:
         raise InputError(f"--run {run} is not a run folder (no metrics.jsonl); pass the --out folder of `mudd train`")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not any(k.startswith("grad_norm/") for r in records for k in r):
-        raise InputError(f"--run {run} has no telemetry in metrics.jsonl (trained with --no-telemetry or by an "
-                         f"older muddformer); train it again to record it")
+        raise InputError(
+            f"--run {run} has no telemetry in metrics.jsonl (trained with --no-telemetry or by an "
+            f"older muddformer); train it again to record it"
+        )
     plot_telemetry(records, out / "telemetry.png", f"Training telemetry of {run}")
     peaks: dict[str, dict] = {}
     for r in records:
@@ -417,10 +461,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     models = [analyze_folder(f, args, device) for f in filter(None, (args.model, args.compare))]
     out.mkdir(parents=True, exist_ok=True)
-    result = {"settings": {"max_tokens": args.max_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                           "sink_positions": args.sink_positions, "sink_tokens": parse_sink_tokens(args.sink_tokens),
-                           "device": device, "dtype": args.dtype or "float32"},
-              "models": models}
+    result = {
+        "settings": {
+            "max_tokens": args.max_tokens,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "sink_positions": args.sink_positions,
+            "sink_tokens": parse_sink_tokens(args.sink_tokens),
+            "device": device,
+            "dtype": args.dtype or "float32",
+        },
+        "models": models,
+    }
     result["plots"] = write_plots(models, out)
     if args.run:
         result["telemetry"] = run_telemetry(Path(args.run), out)
@@ -449,21 +501,37 @@ def summary(result: dict) -> str:
 
 def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="model folder (ours or published)")
-    p.add_argument("--run", help="a `mudd train` run folder: plot its telemetry (dense weights, gradient norms per "
-                                 "group) over the steps as telemetry.png")
+    p.add_argument(
+        "--run",
+        help="a `mudd train` run folder: plot its telemetry (dense weights, gradient norms per "
+        "group) over the steps as telemetry.png",
+    )
     p.add_argument("--out", required=True, help="folder for analysis.json and the plots")
-    p.add_argument("--text", help="text file to run (default: the bundled corpus's validation split, "
-                                  "for models with the bundled tokenizer)")
+    p.add_argument(
+        "--text",
+        help="text file to run (default: the bundled corpus's validation split, for models with the bundled tokenizer)",
+    )
     p.add_argument("--compare", help="a second model folder, measured on the same text and drawn on the same plots")
     p.add_argument("--tokenizer", help="tokenizer.json for the models instead of the folders' own")
     p.add_argument("--max-tokens", type=int, default=32768, help="tokens of text to run (default 32768)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(block_size, 512))")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    p.add_argument("--sink-positions", type=int, default=2,
-                   help="the first N positions are attention sinks; queries before them are not counted (default 2)")
-    p.add_argument("--sink-tokens", default=DEFAULT_SINK_TOKENS,
-                   help="comma-separated sink token strings, \\n for newline (default '.,\\n'); the bos token is added")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
-                   help="weights dtype (default float32; auto: as stored)")
+    p.add_argument(
+        "--sink-positions",
+        type=int,
+        default=2,
+        help="the first N positions are attention sinks; queries before them are not counted (default 2)",
+    )
+    p.add_argument(
+        "--sink-tokens",
+        default=DEFAULT_SINK_TOKENS,
+        help="comma-separated sink token strings, \\n for newline (default '.,\\n'); the bos token is added",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default=None,
+        help="weights dtype (default float32; auto: as stored)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print analysis.json instead of the summary table")

@@ -36,8 +36,14 @@ def plot_cosine(models: list[dict], path: Path) -> None:
     for style, model in zip(LINE_STYLES, models):
         cos = model["cosine_similarity"]
         for stream in cos["streams"]:
-            ax.plot(range(len(cos["mean"][stream])), cos["mean"][stream], style, marker=".",
-                    color=STREAM_COLORS[stream], label=f"{_label(model)} {stream}")
+            ax.plot(
+                range(len(cos["mean"][stream])),
+                cos["mean"][stream],
+                style,
+                marker=".",
+                color=STREAM_COLORS[stream],
+                label=f"{_label(model)} {stream}",
+            )
     _integer_ticks(ax.xaxis)
     ax.set_xlabel("block l (input of block l vs block l+1)")
     ax.set_ylabel("mean cosine similarity")
@@ -70,8 +76,9 @@ def plot_dense_weights(models: list[dict], path: Path) -> None:
     plt = pyplot()
     dense = [m for m in models if "mean" in m["dense_weights"]]
     cols = max(len(m["dense_weights"]["streams"]) for m in dense)
-    fig, axes = plt.subplots(len(dense), cols, figsize=(3.2 * cols + 1.0, 3.2 * len(dense) + 0.4), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        len(dense), cols, figsize=(3.2 * cols + 1.0, 3.2 * len(dense) + 0.4), squeeze=False, layout="constrained"
+    )
     for row, model in zip(axes, dense):
         grids = {s: np.array(g, dtype=float) for s, g in model["dense_weights"]["mean"].items()}  # None -> nan
         scale = max(float(np.nanmax(np.abs(g))) if np.isfinite(g).any() else 0.0 for g in grids.values()) or 1.0
@@ -82,7 +89,7 @@ def plot_dense_weights(models: list[dict], path: Path) -> None:
             _integer_ticks(ax.xaxis, ax.yaxis)
             ax.set_xlabel("source j (0 = embedding)")
             ax.set_ylabel("layer l")
-        for ax in row[len(grids):]:
+        for ax in row[len(grids) :]:
             ax.axis("off")
         fig.colorbar(image, ax=list(row), shrink=0.8)
     fig.suptitle("Mean dense-connection weights (rows: aggregation after block l)")
@@ -122,8 +129,12 @@ def plot_telemetry(records: list[dict], path: Path, title: str) -> None:
     cmap = plt.get_cmap("viridis")
     for i, layer in enumerate(layers):
         keys = [k for k in dense if k.startswith(f"dense/{layer}/") and k.endswith("/max_abs")]
-        ax_max.plot(steps, [max((r[k] for k in keys if k in r), default=np.nan) for r in train],
-                    color=cmap(i / max(1, len(layers) - 1)), label=f"after block {layer}" if len(layers) <= 12 else None)
+        ax_max.plot(
+            steps,
+            [max((r[k] for k in keys if k in r), default=np.nan) for r in train],
+            color=cmap(i / max(1, len(layers) - 1)),
+            label=f"after block {layer}" if len(layers) <= 12 else None,
+        )
     ax_max.set_yscale("log")
     ax_max.set_title("Largest |dense weight| after each block")
     ax_max.set_xlabel("step")
@@ -131,8 +142,11 @@ def plot_telemetry(records: list[dict], path: Path, title: str) -> None:
         ax_max.legend(fontsize="x-small", ncol=2)
     for stream in sorted({k.split("/")[2] for k in dense}):
         keys = [k for k in dense if k.split("/")[2] == stream and k.endswith("/token_std")]
-        ax_spread.plot(steps, [float(np.mean([r[k] for k in keys if k in r])) if any(k in r for k in keys) else np.nan
-                               for r in train], label=stream)
+        ax_spread.plot(
+            steps,
+            [float(np.mean([r[k] for k in keys if k in r])) if any(k in r for k in keys) else np.nan for r in train],
+            label=stream,
+        )
     ax_spread.set_title("Dense weights: spread over tokens\n(mean over layers)")
     ax_spread.set_xlabel("step")
     if dense:

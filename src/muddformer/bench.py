@@ -57,8 +57,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device
-                        ) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds of each callable; every repetition runs all of them, in alternating order."""
     names = list(fns)
     for _ in range(warmup):
@@ -108,6 +109,7 @@ def train_step_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Non
 
 def decode_seconds_per_token(model: MuddModel, prompt: torch.Tensor, tokens: int, compile: bool) -> Callable[[], float]:
     """A callable that generates `tokens` tokens and returns the mean time of the decode steps (prefill excluded)."""
+
     def run() -> float:
         stamps: list[float] = []
 
@@ -115,8 +117,15 @@ def decode_seconds_per_token(model: MuddModel, prompt: torch.Tensor, tokens: int
             _sync(prompt.device)
             stamps.append(time.perf_counter())
 
-        generate(model, prompt, tokens, eos_token_id=None, streamer=stream,
-                 cache="static" if compile else "dynamic", compile=compile)
+        generate(
+            model,
+            prompt,
+            tokens,
+            eos_token_id=None,
+            streamer=stream,
+            cache="static" if compile else "dynamic",
+            compile=compile,
+        )
         return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
     return run
@@ -127,16 +136,19 @@ def fast_mix_impl(cfg: MuddConfig) -> str:
     return "auto" if cfg.mix_impl == "reference" else cfg.mix_impl
 
 
-def mix_step_fns(cfg: MuddConfig, batch: int, seq: int, device: torch.device, dtype: torch.dtype
-                 ) -> dict[str, Callable[[], list[torch.Tensor]]]:
+def mix_step_fns(
+    cfg: MuddConfig, batch: int, seq: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Callable[[], list[torch.Tensor]]]:
     """All depth mixes of one MUDD training step (forward and backward), ours and the naive loop;
     each callable returns the gradients of the states and weights."""
     g = torch.Generator(device="cpu").manual_seed(0)
     impl = fast_mix_impl(cfg)
     L, D = cfg.n_layer, cfg.dim
     states = [torch.randn(batch, seq, D, generator=g).to(device, dtype).requires_grad_() for _ in range(L + 1)]
-    weights = [torch.randn(batch, seq, 4 if layer < L - 1 else 1, layer + 2, generator=g).to(device, dtype)
-               .requires_grad_() for layer in range(L)]
+    weights = [
+        torch.randn(batch, seq, 4 if layer < L - 1 else 1, layer + 2, generator=g).to(device, dtype).requires_grad_()
+        for layer in range(L)
+    ]
     grads = [torch.randn(batch, seq, D, generator=g).to(device, dtype) for _ in range(4)]
 
     def run(fast: bool) -> list[torch.Tensor]:
@@ -202,11 +214,14 @@ def run_bench(bc: BenchConfig) -> dict:
         def run():
             with torch.no_grad():
                 model(ids, cache=KVCache(model.config.n_layer))
+
         return run
 
     for name, t in interleaved_medians({n: prefill(m) for n, m in models.items()}, bc.reps, bc.warmup, device).items():
         results[name]["prefill_s"] = t
-    decoders = {name: decode_seconds_per_token(m.eval(), prompt, bc.decode_tokens, bc.compile) for name, m in models.items()}
+    decoders = {
+        name: decode_seconds_per_token(m.eval(), prompt, bc.decode_tokens, bc.compile) for name, m in models.items()
+    }
     per_token: dict[str, list[float]] = {name: [] for name in names}
     for fn in decoders.values():
         fn()  # warm-up (and compilation)
@@ -217,12 +232,25 @@ def run_bench(bc: BenchConfig) -> dict:
         results[name]["decode_tokens_per_s"] = bc.decode_batch / statistics.median(values)
 
     mix_cfg = configs[names[1]] if len(names) > 1 else base
-    mix = interleaved_medians(mix_step_fns(mix_cfg, bc.batch_size, seq, device, bc.torch_dtype), bc.reps, bc.warmup,
-                              device)
-    report = {"preset": bc.preset, "device": str(device), "dtype": str(bc.torch_dtype).replace("torch.", ""),
-              "batch_size": bc.batch_size, "seq_len": seq, "reps": bc.reps, "compile": bc.compile,
-              "overrides": bc.overrides, "environment": environment(device), "models": results,
-              "mix_impl": fast_mix_impl(mix_cfg), "mix_naive_s": mix["naive"], "mix_ours_s": mix["ours"], "mix_speedup": mix["naive"] / mix["ours"]}
+    mix = interleaved_medians(
+        mix_step_fns(mix_cfg, bc.batch_size, seq, device, bc.torch_dtype), bc.reps, bc.warmup, device
+    )
+    report = {
+        "preset": bc.preset,
+        "device": str(device),
+        "dtype": str(bc.torch_dtype).replace("torch.", ""),
+        "batch_size": bc.batch_size,
+        "seq_len": seq,
+        "reps": bc.reps,
+        "compile": bc.compile,
+        "overrides": bc.overrides,
+        "environment": environment(device),
+        "models": results,
+        "mix_impl": fast_mix_impl(mix_cfg),
+        "mix_naive_s": mix["naive"],
+        "mix_ours_s": mix["ours"],
+        "mix_speedup": mix["naive"] / mix["ours"],
+    }
     ref = results[BASELINE]
     memory_key = "peak_bytes" if device.type == "cuda" else "saved_bytes"
     for name in names[1:]:
@@ -241,39 +269,55 @@ def run_bench(bc: BenchConfig) -> dict:
 
 def format_report(report: dict) -> str:
     env = report["environment"]
-    lines = [f"mudd bench: preset {report['preset']}, {report['device']} {report['dtype']}, batch "
-             f"{report['batch_size']} x {report['seq_len']} tokens, median of {report['reps']} interleaved reps"
-             + (", compiled" if report["compile"] else ""),
-             f"  torch {env['torch']}, {env.get('gpu', env['processor'])}, {env['torch_threads']} threads, "
-             f"{env['platform']}"]
+    lines = [
+        f"mudd bench: preset {report['preset']}, {report['device']} {report['dtype']}, batch "
+        f"{report['batch_size']} x {report['seq_len']} tokens, median of {report['reps']} interleaved reps"
+        + (", compiled" if report["compile"] else ""),
+        f"  torch {env['torch']}, {env.get('gpu', env['processor'])}, {env['torch_threads']} threads, "
+        f"{env['platform']}",
+    ]
     if report["overrides"]:
         lines.append(f"  overrides: {report['overrides']}")
-    header = f"  {'connection':<14}{'params':>12}{'step ms':>10}{'tok/s':>10}{'prefill ms':>12}" \
-             f"{'decode tok/s':>14}{'saved MiB':>11}" + (f"{'peak MiB':>10}" if report["device"].startswith("cuda") else "")
+    header = (
+        f"  {'connection':<14}{'params':>12}{'step ms':>10}{'tok/s':>10}{'prefill ms':>12}"
+        f"{'decode tok/s':>14}{'saved MiB':>11}" + (f"{'peak MiB':>10}" if report["device"].startswith("cuda") else "")
+    )
     lines.append(header)
     for name, r in report["models"].items():
-        row = (f"  {name:<14}{r['parameters']:>12,}{r['train_step_s'] * 1e3:>10.1f}{r['train_tokens_per_s']:>10,.0f}"
-               f"{r['prefill_s'] * 1e3:>12.1f}{r['decode_tokens_per_s']:>14.1f}{r['saved_bytes'] / 2**20:>11.1f}")
+        row = (
+            f"  {name:<14}{r['parameters']:>12,}{r['train_step_s'] * 1e3:>10.1f}{r['train_tokens_per_s']:>10,.0f}"
+            f"{r['prefill_s'] * 1e3:>12.1f}{r['decode_tokens_per_s']:>14.1f}{r['saved_bytes'] / 2**20:>11.1f}"
+        )
         if "peak_bytes" in r:
             row += f"{r['peak_bytes'] / 2**20:>10.1f}"
         lines.append(row)
     lines.append("  ratios to residual (Transformer++ of the same shape):")
     for name, r in report["models"].items():
         if "train_step_ratio" in r:
-            lines.append(f"    {name:<12} train step {r['train_step_ratio']:.3f}  memory {r['memory_ratio']:.3f}  "
-                         f"prefill {r['prefill_ratio']:.3f}  decode tok/s {r['decode_ratio']:.3f}")
-    lines.append(f"  depth mixing of one {report['headline']} training step (fwd+bwd): naive loop "
-                 f"{report['mix_naive_s'] * 1e3:.2f} ms, ours ({report['mix_impl']}) {report['mix_ours_s'] * 1e3:.2f} ms, "
-                 f"speedup {report['mix_speedup']:.2f}x")
+            lines.append(
+                f"    {name:<12} train step {r['train_step_ratio']:.3f}  memory {r['memory_ratio']:.3f}  "
+                f"prefill {r['prefill_ratio']:.3f}  decode tok/s {r['decode_ratio']:.3f}"
+            )
+    lines.append(
+        f"  depth mixing of one {report['headline']} training step (fwd+bwd): naive loop "
+        f"{report['mix_naive_s'] * 1e3:.2f} ms, ours ({report['mix_impl']}) {report['mix_ours_s'] * 1e3:.2f} ms, "
+        f"speedup {report['mix_speedup']:.2f}x"
+    )
     return "\n".join(lines)
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="model shape (default tiny); every connection gets this shape")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--connection", action="append", dest="connections",
-                   help="connection to compare with residual (repeatable or comma-separated; default mudd)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on CUDA"
+    )
+    p.add_argument(
+        "--connection",
+        action="append",
+        dest="connections",
+        help="connection to compare with residual (repeatable or comma-separated; default mudd)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, help="training/prefill length (default the preset's block_size)")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per measurement (median)")
@@ -281,9 +325,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--decode-batch", type=int, default=1)
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step; static-cache compiled decode")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="MuddConfig override for every model, e.g. --set mix_impl=reference --set recompute_mix=true")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the training step; static-cache compiled decode"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="MuddConfig override for every model, e.g. --set mix_impl=reference --set recompute_mix=true",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", help="also write the JSON report to this file")
 
@@ -293,10 +344,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .train import parse_set
 
     connections = [c for item in (args.connections or ["mudd"]) for c in item.split(",") if c]
-    bc = BenchConfig(preset=args.preset, device=args.device, dtype=args.dtype, connections=connections,
-                     batch_size=args.batch_size, seq_len=args.seq_len, reps=args.reps, warmup=args.warmup,
-                     prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, decode_batch=args.decode_batch,
-                     compile=args.compile, overrides=parse_set(args.set))
+    bc = BenchConfig(
+        preset=args.preset,
+        device=args.device,
+        dtype=args.dtype,
+        connections=connections,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        reps=args.reps,
+        warmup=args.warmup,
+        prompt_len=args.prompt_len,
+        decode_tokens=args.decode_tokens,
+        decode_batch=args.decode_batch,
+        compile=args.compile,
+        overrides=parse_set(args.set),
+    )
     report = run_bench(bc)
     report["bench_config"] = asdict(bc)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

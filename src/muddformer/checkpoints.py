@@ -34,8 +34,14 @@ DEFAULT_SHARD_SIZE = 5 * 1024**3
 _SHARD_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 _CONNECTION_KEY_RE = re.compile(r"^(dense_bs|dynamic_dense)\.")
 
-DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16, "half": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+}
 
 
 # ---- atomic writes -------------------------------------------------------------------------------
@@ -123,12 +129,16 @@ def is_published(raw: dict) -> bool:
 def config_from_raw(raw: dict) -> MuddConfig:
     """MuddConfig from a config.json dict, ours or published."""
     if not is_published(raw):
-        fields = {k: v for k, v in raw.items() if k not in ("mudd_format", "model_type", "architectures", "torch_dtype")}
+        fields = {
+            k: v for k, v in raw.items() if k not in ("mudd_format", "model_type", "architectures", "torch_dtype")
+        }
         return MuddConfig.from_dict(fields)
     model_type = raw.get("model_type")
     if model_type not in ("muddformer", "muddpythia"):
-        raise CheckpointError(f"config.json model_type {model_type!r} is not a MUDD model; "
-                              "expected 'muddformer' or 'muddpythia' (published) or a folder saved by muddformer")
+        raise CheckpointError(
+            f"config.json model_type {model_type!r} is not a MUDD model; "
+            "expected 'muddformer' or 'muddpythia' (published) or a folder saved by muddformer"
+        )
     return config_from_published(raw)
 
 
@@ -137,8 +147,13 @@ def read_folder_config(folder: str) -> MuddConfig:
 
 
 def our_config_json(cfg: MuddConfig, dtype: torch.dtype) -> dict:
-    return {"mudd_format": FORMAT_VERSION, "model_type": "muddformer", "architectures": ["MuddForCausalLM"],
-            "torch_dtype": str(dtype).removeprefix("torch."), **cfg.to_dict()}
+    return {
+        "mudd_format": FORMAT_VERSION,
+        "model_type": "muddformer",
+        "architectures": ["MuddForCausalLM"],
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        **cfg.to_dict(),
+    }
 
 
 # ---- tensor names ------------------------------------------------------------------------------
@@ -165,7 +180,9 @@ def weight_files(folder: str) -> dict[str, list[str]]:
             files.setdefault(shard, []).append(name)
         for shard in files:
             if not os.path.isfile(os.path.join(folder, shard)):
-                raise CheckpointError(f"shard {shard} named in {INDEX_NAME} is missing from {folder}; copy the whole folder again")
+                raise CheckpointError(
+                    f"shard {shard} named in {INDEX_NAME} is missing from {folder}; copy the whole folder again"
+                )
         return files
     if os.path.isfile(single):
         return {WEIGHTS_NAME: []}
@@ -182,7 +199,10 @@ def read_tensors(folder: str) -> dict[str, torch.Tensor]:
                 names = list(f.keys())
                 missing = sorted(set(expected) - set(names))
                 if missing:
-                    raise CheckpointError(f"{fname} lacks tensor {missing[0]!r} that {INDEX_NAME} places there; the shard is stale or corrupt")
+                    raise CheckpointError(
+                        f"{fname} lacks tensor {missing[0]!r} that {INDEX_NAME} places there; "
+                        "the shard is stale or corrupt"
+                    )
                 for name in names:
                     tensors[name] = f.get_tensor(name)
         except (SafetensorError, OSError) as e:
@@ -196,18 +216,25 @@ def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch
     unexpected = [k for k in tensors if k not in expected]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{source} is missing tensor {missing[0]!r}{more}; the checkpoint does not match its config.json")
+        raise CheckpointError(
+            f"{source} is missing tensor {missing[0]!r}{more}; the checkpoint does not match its config.json"
+        )
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"{source} has unexpected tensor {unexpected[0]!r}{more}; the checkpoint does not match its config.json")
+        raise CheckpointError(
+            f"{source} has unexpected tensor {unexpected[0]!r}{more}; the checkpoint does not match its config.json"
+        )
     for name, ref in expected.items():
         if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                                  f"the config expects {tuple(ref.shape)}")
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"the config expects {tuple(ref.shape)}"
+            )
 
 
-def load_model(folder: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-               **config_overrides):
+def load_model(
+    folder: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None, **config_overrides
+):
     """Build the core model of a folder (ours or published) and load its weights.
 
     dtype: None gives float32; "auto" takes the folder's stored dtype. config_overrides change
@@ -250,7 +277,9 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], folder: str, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> list[str]:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], folder: str, max_shard_size: int | str = DEFAULT_SHARD_SIZE
+) -> list[str]:
     """Write tensors as model.safetensors, or shards plus an index when they exceed max_shard_size.
 
     Returns the files written. Stale weight files of an earlier save are removed afterwards.
@@ -278,7 +307,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], folder: str, max_shard_size: 
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {name: fname for fname, shard in zip(names, shards) for name in shard}
-        write_json_atomic(os.path.join(folder, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json_atomic(
+            os.path.join(folder, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
         names.append(INDEX_NAME)
     for old in os.listdir(folder):
         if _SHARD_RE.match(old) and old not in names:
@@ -286,8 +317,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], folder: str, max_shard_size: 
     return names
 
 
-def save_model(model, folder: str, published_format: bool = False, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
-               dtype: str | torch.dtype | None = None) -> None:
+def save_model(
+    model,
+    folder: str,
+    published_format: bool = False,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    dtype: str | torch.dtype | None = None,
+) -> None:
     """Write a core model to a folder: our format, or the published layout the reference code reads.
 
     dtype: None keeps the model's dtype (our format) or writes bfloat16 (published, as released).

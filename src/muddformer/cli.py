@@ -24,9 +24,12 @@ def parameter_breakdown(cfg: MuddConfig) -> dict:
     model = build_meta(cfg)
     counts = count_parameters(model)
     blocks = sum(p.numel() for p in model.layers.parameters())
-    counts.update(embedding=model.tok_embeddings.weight.numel(),
-                  head=0 if cfg.tie_word_embeddings else model.output.weight.numel(),
-                  blocks=blocks, non_embedding=counts["total"] - model.tok_embeddings.weight.numel())
+    counts.update(
+        embedding=model.tok_embeddings.weight.numel(),
+        head=0 if cfg.tie_word_embeddings else model.output.weight.numel(),
+        blocks=blocks,
+        non_embedding=counts["total"] - model.tok_embeddings.weight.numel(),
+    )
     return counts
 
 
@@ -61,8 +64,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name in PRESETS:
         cfg = MuddConfig.from_preset(name)
         counts = parameter_breakdown(cfg)
-        print(f"{name:<28} {cfg.block:<7} {cfg.connection:<12} L={cfg.n_layer:<3} D={cfg.dim:<5} "
-              f"params={counts['total'] / 1e6:9.2f}M  dense={counts['dense_pct']:.3f}%")
+        print(
+            f"{name:<28} {cfg.block:<7} {cfg.connection:<12} L={cfg.n_layer:<3} D={cfg.dim:<5} "
+            f"params={counts['total'] / 1e6:9.2f}M  dense={counts['dense_pct']:.3f}%"
+        )
     return 0
 
 
@@ -78,9 +83,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         return 0
     for name, r in RECIPES.items():
         presets = [p for p, recipe in PRESET_RECIPES.items() if recipe == name]
-        print(f"{name:<24} lr={r.lr:<8g} warmup={r.warmup:g} {r.schedule} to {r.min_lr_ratio:g}x  "
-              f"betas=({r.beta1:g}, {r.beta2:g}) wd={r.weight_decay:g} clip={r.grad_clip:g} "
-              f"batch={r.batch_size}x{r.seq_len or 'auto'} {r.dtype} generator lr x{r.generator_lr_mult:g}")
+        print(
+            f"{name:<24} lr={r.lr:<8g} warmup={r.warmup:g} {r.schedule} to {r.min_lr_ratio:g}x  "
+            f"betas=({r.beta1:g}, {r.beta2:g}) wd={r.weight_decay:g} clip={r.grad_clip:g} "
+            f"batch={r.batch_size}x{r.seq_len or 'auto'} {r.dtype} generator lr x{r.generator_lr_mult:g}"
+        )
         print(f"{'':<24} follows: {r.follows}")
         print(f"{'':<24} default of: {', '.join(presets) or '-'}")
     return 0
@@ -90,8 +97,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from . import checkpoints
 
     model = checkpoints.load_model(args.src, dtype="auto")
-    checkpoints.save_model(model, args.dst, published_format=args.published_format,
-                           max_shard_size=args.max_shard_size, dtype=args.dtype)
+    checkpoints.save_model(
+        model, args.dst, published_format=args.published_format, max_shard_size=args.max_shard_size, dtype=args.dtype
+    )
     fmt = "published" if args.published_format else "muddformer"
     print(f"wrote {args.dst} ({fmt} format)")
     return 0
@@ -100,8 +108,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, field=args.field,
-                   val_fraction=args.val_fraction, val_inputs=args.val, shard_tokens=args.shard_tokens, progress=True)
+    meta = prepare(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        field=args.field,
+        val_fraction=args.val_fraction,
+        val_inputs=args.val,
+        shard_tokens=args.shard_tokens,
+        progress=True,
+    )
     splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in meta["splits"].items())
     print(f"{args.out}: vocabulary {meta['vocab_size']:,} ({meta['dtype']}); {splits}")
     return 0
@@ -123,8 +140,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="model folder to read (ours or published)")
     p.add_argument("dst", help="folder to write")
     p.add_argument("--published-format", action="store_true", help="write the layout the reference code reads")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights dtype to write (default: as stored; bfloat16 for --published-format)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weights dtype to write (default: as stored; bfloat16 for --published-format)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="split weights into shards above this size (default 5GB)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("prepare", help="tokenise text or .jsonl into memory-mapped token shards")
@@ -139,12 +160,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
     # Subcommands whose modules pull in more (training, transformers, lm-eval) import lazily.
     for name, module, help_text in (
-            ("train", "train", "train a model (bundled corpus by default); re-running resumes"),
-            ("generate", "textgen", "continue prompts with a model, streaming the text"),
-            ("eval", "evaluate", "perplexity on a text file and lm-evaluation-harness tasks"),
-            ("bench", "bench", "speed and memory of MUDD against Transformer++ of the same shape, as ratios"),
-            ("analyze", "analyze", "representation collapse, head activity and dense-weight maps of one or two models"),
-            ("compare", "compare", "train several connections on the same data and seeds; table, plots, t-tests, compute multiplier")):
+        ("train", "train", "train a model (bundled corpus by default); re-running resumes"),
+        ("generate", "textgen", "continue prompts with a model, streaming the text"),
+        ("eval", "evaluate", "perplexity on a text file and lm-evaluation-harness tasks"),
+        ("bench", "bench", "speed and memory of MUDD against Transformer++ of the same shape, as ratios"),
+        ("analyze", "analyze", "representation collapse, head activity and dense-weight maps of one or two models"),
+        (
+            "compare",
+            "compare",
+            "train several connections on the same data and seeds; table, plots, t-tests, compute multiplier",
+        ),
+    ):
         mod = importlib.import_module(f".{module}", __package__)
         p = sub.add_parser(name, help=help_text)
         getattr(mod, f"add_{name}_arguments")(p)

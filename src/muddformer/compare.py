@@ -124,8 +124,9 @@ def difference_test(a: list[float], b: list[float]) -> dict:
     return {**welch_t_test(a, b), "d": cohen_d(a, b)}
 
 
-def compute_multiplier(base_steps: list[float], base_losses: list[float], method_final_loss: float,
-                       method_steps: float) -> dict:
+def compute_multiplier(
+    base_steps: list[float], base_losses: list[float], method_final_loss: float, method_steps: float
+) -> dict:
     """How many times more steps the baseline needs to reach a method's final loss.
 
     The baseline's curve is made monotone (running minimum) and interpolated linearly in step
@@ -236,8 +237,10 @@ def check_options(cc: CompareConfig) -> None:
     if cc.steps <= 0:
         raise InputError(f"--steps must be positive, got {cc.steps}")
     if cc.baseline_steps is not None and cc.baseline_steps <= cc.steps:
-        raise InputError(f"--baseline-steps {cc.baseline_steps} must exceed --steps {cc.steps} (it extends the "
-                         "baseline's curve for the compute multiplier)")
+        raise InputError(
+            f"--baseline-steps {cc.baseline_steps} must exceed --steps {cc.steps} (it extends the "
+            "baseline's curve for the compute multiplier)"
+        )
 
 
 def settings_record(cc: CompareConfig) -> dict:
@@ -254,11 +257,16 @@ def check_or_write_settings(out: Path, cc: CompareConfig) -> None:
             raise InputError(f"{path} is unreadable ({e}); remove it or use another --out") from None
         current = asdict(cc)
         stored = {**asdict(CompareConfig()), **stored}  # a setting added since that compare had its default
-        diffs = [f"{k} {current.get(k)!r} here, {stored.get(k)!r} there" for k in sorted(set(current) | set(stored))
-                 if current.get(k) != stored.get(k) and k not in EXTENSIBLE]
+        diffs = [
+            f"{k} {current.get(k)!r} here, {stored.get(k)!r} there"
+            for k in sorted(set(current) | set(stored))
+            if current.get(k) != stored.get(k) and k not in EXTENSIBLE
+        ]
         if diffs:
-            raise InputError(f"{out} holds a compare with different settings ({'; '.join(diffs)}); "
-                             "use another --out or the same options")
+            raise InputError(
+                f"{out} holds a compare with different settings ({'; '.join(diffs)}); "
+                "use another --out or the same options"
+            )
         if any(current.get(k) != stored.get(k) for k in EXTENSIBLE):  # only adds runs: record the new value
             write_json_atomic(str(path), settings_record(cc))
         return
@@ -306,21 +314,38 @@ def run_folder(out: Path, connection: str, seed: int, steps: int | None = None) 
     return out / "runs" / connection / (f"seed{seed}" if steps is None else f"seed{seed}-steps{steps}")
 
 
-def train_config(cc: CompareConfig, connection: str, seed: int, data: str, out: Path, progress: bool,
-                 long: bool = False):
+def train_config(
+    cc: CompareConfig, connection: str, seed: int, data: str, out: Path, progress: bool, long: bool = False
+):
     """The TrainConfig of one run. Logging, evaluation and checkpoints share one period so that every
     throughput window starts after the previous evaluation and checkpoint (neither is timed)."""
     from .train import TrainConfig
 
-    return TrainConfig(preset=cc.preset, set=list(cc.set), connection=connection, data=data,
-                       out=str(run_folder(out, connection, seed, cc.baseline_steps if long else None)),
-                       max_steps=cc.baseline_steps if long else cc.steps, batch_size=cc.batch_size,
-                       seq_len=cc.seq_len, lr=cc.lr_for.get(connection, cc.lr), recipe=cc.recipe,
-                       **cc.recipe_overrides, eval_every=cc.eval_every,
-                       eval_windows=cc.eval_windows,
-                       save_every=cc.eval_every, log_every=cc.eval_every, keep_checkpoints=2, seed=seed,
-                       compile=cc.compile, dtype=cc.dtype, device=cc.device, sample_tokens=0, tensorboard=False,
-                       progress=progress)
+    return TrainConfig(
+        preset=cc.preset,
+        set=list(cc.set),
+        connection=connection,
+        data=data,
+        out=str(run_folder(out, connection, seed, cc.baseline_steps if long else None)),
+        max_steps=cc.baseline_steps if long else cc.steps,
+        batch_size=cc.batch_size,
+        seq_len=cc.seq_len,
+        lr=cc.lr_for.get(connection, cc.lr),
+        recipe=cc.recipe,
+        **cc.recipe_overrides,
+        eval_every=cc.eval_every,
+        eval_windows=cc.eval_windows,
+        save_every=cc.eval_every,
+        log_every=cc.eval_every,
+        keep_checkpoints=2,
+        seed=seed,
+        compile=cc.compile,
+        dtype=cc.dtype,
+        device=cc.device,
+        sample_tokens=0,
+        tensorboard=False,
+        progress=progress,
+    )
 
 
 def read_records(folder: Path) -> list[dict]:
@@ -433,8 +458,12 @@ def val_curve(runs: list[list[dict]]) -> dict:
     per_run = [{r["step"]: r["val_loss"] for r in records if "val_loss" in r} for records in runs]
     steps = sorted(set.intersection(*(set(v) for v in per_run)))
     values = [[v[s] for v in per_run] for s in steps]
-    return {"step": steps, "mean": [statistics.fmean(v) for v in values], "min": [min(v) for v in values],
-            "max": [max(v) for v in values]}
+    return {
+        "step": steps,
+        "mean": [statistics.fmean(v) for v in values],
+        "min": [min(v) for v in values],
+        "max": [max(v) for v in values],
+    }
 
 
 def connection_results(cc: CompareConfig, connection: str, data: str, out: Path) -> dict:
@@ -452,10 +481,18 @@ def connection_results(cc: CompareConfig, connection: str, data: str, out: Path)
     else:
         memory = {"kind": "saved_activations_one_batch", "bytes": activation_bytes(cc, connection, data, seq_len)}
     speeds = [s for s in (tokens_per_second(records) for records in runs) if s is not None]
-    return {"parameters": params, "seq_len": seq_len, "seeds": list(cc.seeds), "final_val_loss": finals,
-            "mean": statistics.fmean(finals), "std": statistics.stdev(finals) if len(finals) > 1 else None,
-            "tokens_per_s": statistics.fmean(speeds) if speeds else None, "memory": memory,
-            "flops_per_token": flops_per_token(cfg, params, seq_len), "curve": val_curve(runs)}
+    return {
+        "parameters": params,
+        "seq_len": seq_len,
+        "seeds": list(cc.seeds),
+        "final_val_loss": finals,
+        "mean": statistics.fmean(finals),
+        "std": statistics.stdev(finals) if len(finals) > 1 else None,
+        "tokens_per_s": statistics.fmean(speeds) if speeds else None,
+        "memory": memory,
+        "flops_per_token": flops_per_token(cfg, params, seq_len),
+        "curve": val_curve(runs),
+    }
 
 
 def collect_results(cc: CompareConfig, data: str, out: Path) -> dict:
@@ -478,17 +515,30 @@ def collect_results(cc: CompareConfig, data: str, out: Path) -> dict:
     for r in per.values():  # on a longer baseline's curve: relative to where the baseline's own loss lies
         m = r["compute_multiplier"]
         m["relative"] = m["multiplier"] / own if long and own and m["multiplier"] is not None else None
-    return {"format": FORMAT, "version": FORMAT_VERSION, "command": command_line(cc, out), "settings": asdict(cc),
-            "baseline": cc.baseline, "baseline_long": long, "connections_order": list(cc.connections), "steps": cc.steps,
-            "tokens_per_step": tokens_per_step, "tokens_per_run": tokens_per_step * cc.steps,
-            "data": first["data"], "environment": first["environment"], "connections": per,
-            "pairwise_welch": pairwise_welch(per, cc.connections)}
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "command": command_line(cc, out),
+        "settings": asdict(cc),
+        "baseline": cc.baseline,
+        "baseline_long": long,
+        "connections_order": list(cc.connections),
+        "steps": cc.steps,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_run": tokens_per_step * cc.steps,
+        "data": first["data"],
+        "environment": first["environment"],
+        "connections": per,
+        "pairwise_welch": pairwise_welch(per, cc.connections),
+    }
 
 
 def pairwise_welch(per: dict, names: list[str]) -> dict:
     """Welch's test of every pair (row minus column), for orderings among the connections themselves."""
-    return {a: {b: difference_test(per[a]["final_val_loss"], per[b]["final_val_loss"]) for b in names if b != a}
-            for a in names}
+    return {
+        a: {b: difference_test(per[a]["final_val_loss"], per[b]["final_val_loss"]) for b in names if b != a}
+        for a in names
+    }
 
 
 def pairwise_table(results: dict) -> str:
@@ -541,17 +591,22 @@ def format_d(test: dict | None) -> str:
 
 def markdown_table(results: dict) -> str:
     base = results["baseline"]
-    rows = ["| connection | params | val loss mean ± std | Δ vs baseline | p (Welch) | d (Cohen) | compute multiplier "
-            "| tokens/s | memory |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| connection | params | val loss mean ± std | Δ vs baseline | p (Welch) | d (Cohen) | compute multiplier "
+        "| tokens/s | memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in results["connections_order"]:
         r = results["connections"][name]
         std = f" ± {r['std']:.4f}" if r["std"] is not None else ""
         delta = "—" if name == base else f"{r['delta_vs_baseline']:+.4f}"
         speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
         label = f"{name} (baseline)" if name == base else name
-        rows.append(f"| {label} | {r['parameters']:,} | {r['mean']:.4f}{std} | {delta} | {format_p(r['welch'])} | "
-                    f"{format_d(r['welch'])} | "
-                    f"{format_multiplier(r['compute_multiplier'])} | {speed} | {format_bytes(r['memory']['bytes'])} |")
+        rows.append(
+            f"| {label} | {r['parameters']:,} | {r['mean']:.4f}{std} | {delta} | {format_p(r['welch'])} | "
+            f"{format_d(r['welch'])} | "
+            f"{format_multiplier(r['compute_multiplier'])} | {speed} | {format_bytes(r['memory']['bytes'])} |"
+        )
     return "\n".join(rows)
 
 
@@ -564,25 +619,40 @@ def markdown_report(results: dict) -> str:
         memory_note = "bytes of activations saved for backward by one training batch"
     else:
         memory_note = "CUDA peak where trained on CUDA, else activations saved for backward by one batch"
-    lines = [f"# mudd compare: {s['preset']}, {len(s['seeds'])} seeds, {results['steps']} steps", "",
-             f"{results['tokens_per_run']:,} training tokens per run ({results['tokens_per_step']:,} per step), "
-             f"data {results['data']}, device {results['environment'].get('device')}.", "",
-             markdown_table(results), "",
-             f"- Validation loss: final mean over seeds {', '.join(map(str, s['seeds']))} (std with ddof=1), "
-             "nats/token.",
-             f"- Δ, p and d: against {results['baseline']}; p is the two-sided Welch t-test of the final losses, d "
-             "the difference of the means in pooled standard deviations (Cohen's d).",
-             f"- Compute multiplier: steps {results['baseline']} needs to reach the connection's final mean loss "
-             "(its mean curve, running minimum, interpolated) divided by the connection's steps"
-             + (f", read on the baseline's {results['baseline_long']['steps']}-step runs (their own learning-rate "
-                "schedule; the baseline's own entry shows what that schedule alone gives, and \"rel.\" divides by it)"
-                if results.get("baseline_long")
-                else "") + "; "
-             "> marks a lower bound (never reached), < an upper bound (reached before the first evaluation).",
-             f"- tokens/s: mean over seeds of the training throughput; memory: {memory_note}.", "",
-             "Every pair: mean final loss of the row minus the column's, the Welch p-value and Cohen's d.", "",
-             pairwise_table(results), "",
-             "Command:", "", "```", results["command"], "```", ""]
+    lines = [
+        f"# mudd compare: {s['preset']}, {len(s['seeds'])} seeds, {results['steps']} steps",
+        "",
+        f"{results['tokens_per_run']:,} training tokens per run ({results['tokens_per_step']:,} per step), "
+        f"data {results['data']}, device {results['environment'].get('device')}.",
+        "",
+        markdown_table(results),
+        "",
+        f"- Validation loss: final mean over seeds {', '.join(map(str, s['seeds']))} (std with ddof=1), nats/token.",
+        f"- Δ, p and d: against {results['baseline']}; p is the two-sided Welch t-test of the final losses, d "
+        "the difference of the means in pooled standard deviations (Cohen's d).",
+        f"- Compute multiplier: steps {results['baseline']} needs to reach the connection's final mean loss "
+        "(its mean curve, running minimum, interpolated) divided by the connection's steps"
+        + (
+            f", read on the baseline's {results['baseline_long']['steps']}-step runs (their own learning-rate "
+            'schedule; the baseline\'s own entry shows what that schedule alone gives, and "rel." divides by it)'
+            if results.get("baseline_long")
+            else ""
+        )
+        + "; "
+        "> marks a lower bound (never reached), < an upper bound (reached before the first evaluation).",
+        f"- tokens/s: mean over seeds of the training throughput; memory: {memory_note}.",
+        "",
+        "Every pair: mean final loss of the row minus the column's, the Welch p-value and Cohen's d.",
+        "",
+        pairwise_table(results),
+        "",
+        "Command:",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -594,14 +664,20 @@ def plot_curves(results: dict, path: Path, flops: bool) -> None:
         r = results["connections"][name]
         scale = results["tokens_per_step"] * r["flops_per_token"] if flops else 1.0
         x = [s * scale for s in r["curve"]["step"]]
-        line, = ax.plot(x, r["curve"]["mean"], "o-" if len(x) < 30 else "-", markersize=3, linewidth=1.4, label=name)
+        (line,) = ax.plot(x, r["curve"]["mean"], "o-" if len(x) < 30 else "-", markersize=3, linewidth=1.4, label=name)
         ax.fill_between(x, r["curve"]["min"], r["curve"]["max"], color=line.get_color(), alpha=0.18, linewidth=0)
     long = results.get("baseline_long")
     if long:  # the longer baseline runs the compute multiplier reads
         r = results["connections"][results["baseline"]]
         scale = results["tokens_per_step"] * r["flops_per_token"] if flops else 1.0
-        ax.plot([s * scale for s in long["curve"]["step"]], long["curve"]["mean"], ":", color="black", linewidth=1.2,
-                label=f"{results['baseline']} ({long['steps']} steps)")
+        ax.plot(
+            [s * scale for s in long["curve"]["step"]],
+            long["curve"]["mean"],
+            ":",
+            color="black",
+            linewidth=1.2,
+            label=f"{results['baseline']} ({long['steps']} steps)",
+        )
     ax.set_xlabel("training FLOPs" if flops else "step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"{results['settings']['preset']}: mean of {len(results['settings']['seeds'])} seeds, min-max band")
@@ -652,11 +728,17 @@ def report_compare(out: Path) -> dict:
     from .data import bundled_data_dir
 
     cc = stored_settings(out)
-    missing = [str(run_folder(out, c, seed)) for seed in cc.seeds for c in cc.connections
-               if final_val_loss(read_records(run_folder(out, c, seed)), cc.steps) is None]
+    missing = [
+        str(run_folder(out, c, seed))
+        for seed in cc.seeds
+        for c in cc.connections
+        if final_val_loss(read_records(run_folder(out, c, seed)), cc.steps) is None
+    ]
     if missing:
-        raise InputError(f"{len(missing)} runs of {out} have not finished ({', '.join(missing[:3])}"
-                         f"{', ...' if len(missing) > 3 else ''}); run `{command_line(cc, out)}` to finish them")
+        raise InputError(
+            f"{len(missing)} runs of {out} have not finished ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}); run `{command_line(cc, out)}` to finish them"
+        )
     results = collect_results(cc, cc.data or str(bundled_data_dir()), out)
     results["runs"] = {"trained": 0, "skipped": len(cc.seeds) * len(cc.connections)}
     write_outputs(results, out)
@@ -667,9 +749,12 @@ def report_compare(out: Path) -> dict:
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     d = CompareConfig()
     p.add_argument("--preset", default=d.preset, help="model shape shared by every connection (default tiny)")
-    p.add_argument("--connections", default=",".join(DEFAULT_CONNECTIONS),
-                   help=f"comma-separated connections (default {','.join(DEFAULT_CONNECTIONS)}); "
-                        f"choices: {', '.join(CONNECTIONS)}")
+    p.add_argument(
+        "--connections",
+        default=",".join(DEFAULT_CONNECTIONS),
+        help=f"comma-separated connections (default {','.join(DEFAULT_CONNECTIONS)}); "
+        f"choices: {', '.join(CONNECTIONS)}",
+    )
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=3, help="train seeds 0..S-1 of each connection (default 3)")
     seeds.add_argument("--seed-list", help="explicit comma-separated seeds instead, e.g. 0,1,2")
@@ -679,23 +764,39 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default min(256, block_size))")
     p.add_argument("--lr", type=float, help="peak learning rate (default as `mudd train`)")
-    p.add_argument("--lr-for", action="append", default=[], metavar="CONNECTION=LR",
-                   help="peak learning rate of one connection, e.g. mudd=1e-3 (repeatable; the others take --lr)")
+    p.add_argument(
+        "--lr-for",
+        action="append",
+        default=[],
+        metavar="CONNECTION=LR",
+        help="peak learning rate of one connection, e.g. mudd=1e-3 (repeatable; the others take --lr)",
+    )
     p.add_argument("--eval-every", type=int, help="steps between validation points (default max(1, steps // 10))")
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation sequences per evaluation")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="MuddConfig override for every connection (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="MuddConfig override for every connection (repeatable)",
+    )
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype, help="compute dtype")
     p.add_argument("--baseline", default=d.baseline, help="connection the others are tested against (default residual)")
-    p.add_argument("--baseline-steps", type=int,
-                   help="also train the baseline this many steps (same seeds); the compute multiplier reads that "
-                        "longer curve (added to an existing compare without retraining the rest)")
+    p.add_argument(
+        "--baseline-steps",
+        type=int,
+        help="also train the baseline this many steps (same seeds); the compute multiplier reads that "
+        "longer curve (added to an existing compare without retraining the rest)",
+    )
     add_recipe_arguments(p, skip=COMPARE_OWN)
-    p.add_argument("--report", action="store_true",
-                   help="train nothing: recompute the results of --out from its compare.json and each run's "
-                        "metrics.jsonl and run.json (no checkpoints needed), e.g. a folder under docs/results")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: recompute the results of --out from its compare.json and each run's "
+        "metrics.jsonl and run.json (no checkpoints needed), e.g. a folder under docs/results",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no training progress bars")
     p.add_argument("--json", action="store_true", help="print results.json instead of the table")
 
@@ -707,14 +808,29 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         raise InputError(f"--seeds must be at least 1, got {args.seeds}")
     else:
         seeds = list(range(args.seeds))
-    return CompareConfig(preset=args.preset, connections=parse_list(args.connections, "--connections"), seeds=seeds,
-                         steps=args.steps, data=args.data, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=args.lr, lr_for=parse_lr_for(args.lr_for), eval_every=args.eval_every,
-                         eval_windows=args.eval_windows, set=list(args.set),
-                         device=args.device, compile=args.compile, dtype=args.dtype, baseline=args.baseline,
-                         baseline_steps=args.baseline_steps, recipe=args.recipe,
-                         recipe_overrides={k: getattr(args, k) for k in OVERRIDABLE
-                                           if k not in COMPARE_OWN and getattr(args, k) is not None})
+    return CompareConfig(
+        preset=args.preset,
+        connections=parse_list(args.connections, "--connections"),
+        seeds=seeds,
+        steps=args.steps,
+        data=args.data,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        lr_for=parse_lr_for(args.lr_for),
+        eval_every=args.eval_every,
+        eval_windows=args.eval_windows,
+        set=list(args.set),
+        device=args.device,
+        compile=args.compile,
+        dtype=args.dtype,
+        baseline=args.baseline,
+        baseline_steps=args.baseline_steps,
+        recipe=args.recipe,
+        recipe_overrides={
+            k: getattr(args, k) for k in OVERRIDABLE if k not in COMPARE_OWN and getattr(args, k) is not None
+        },
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -727,7 +843,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(finite_or_none(results), indent=2))
     else:
         print(markdown_table(results))
-        print(f"{results['runs']['trained']} runs trained, {results['runs']['skipped']} skipped; "
-              f"results in {out / 'results.md'}, {out / 'results.json'}, {out / 'loss_vs_step.png'}, "
-              f"{out / 'loss_vs_flops.png'}")
+        print(
+            f"{results['runs']['trained']} runs trained, {results['runs']['skipped']} skipped; "
+            f"results in {out / 'results.md'}, {out / 'results.json'}, {out / 'loss_vs_step.png'}, "
+            f"{out / 'loss_vs_flops.png'}"
+        )
     return 0

@@ -31,8 +31,10 @@ def transformers_cache_name() -> str:
     for name in ("cache", "past_key_values"):
         if name in fields and name in params:
             return name
-    raise DependencyError(f"transformers passes the generation cache under a name muddformer does not know "
-                          f"(output fields {sorted(fields)}); {LOCK_HINT}")
+    raise DependencyError(
+        f"transformers passes the generation cache under a name muddformer does not know "
+        f"(output fields {sorted(fields)}); {LOCK_HINT}"
+    )
 
 
 def is_cache_object(value: Any) -> bool:
@@ -48,5 +50,7 @@ def dynamo_recompile_limit(limit: int):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
             return config.patch(**{name: limit})
-    raise DependencyError(f"torch._dynamo.config has neither recompile_limit nor cache_size_limit in torch "
-                          f"{torch.__version__}; {LOCK_HINT}")
+    raise DependencyError(
+        f"torch._dynamo.config has neither recompile_limit nor cache_size_limit in torch "
+        f"{torch.__version__}; {LOCK_HINT}"
+    )

@@ -74,14 +74,21 @@ class MuddConfig:
     dense_v_gain: float = 1.0
     dense_v_after_proj: bool = False
     # Stability controls of the dynamic weights (mudd, ddformer); both leave a fresh model unchanged.
-    dense_cap: float = 0.0  # tanh soft cap: dynamic weights w -> cap * tanh(w / cap); 0 = off (the MUDD authors' mudd_cap)
+    dense_cap: float = (
+        0.0  # tanh soft cap: dynamic weights w -> cap * tanh(w / cap); 0 = off (the MUDD authors' mudd_cap)
+    )
     dense_gen_scale: float = 1.0  # fixed multiplier on the generator's output, the dynamic part of the weights
     rope_table_dtype: str = "float32"  # rounding of the cos/sin table; published models use 16-bit
     attn_impl: str = "sdpa"  # "reference": the published code's explicit softmax, bit-exact in bfloat16
-    mix_impl: str = "auto"  # depth mix: "reference" loop (bit-exact in bfloat16), "matmul", "triton", "compiled"; auto picks
+    mix_impl: str = (
+        "auto"  # depth mix: "reference" loop (bit-exact in bfloat16), "matmul", "triton", "compiled"; auto picks
+    )
     # Sparse dense connections (paper Fig. 9, the GPT-2 speedrun's trimmed MUDD); defaults are the full form.
-    dense_layers: str = "all"  # aggregations to keep, by the block they follow: "all" or "0,5,-2" (negative from the end)
-    # States they may read (0 = embedding, j = block j-1's output): "all", "0,3" for every aggregation, or per aggregation
+    dense_layers: str = (
+        "all"  # aggregations to keep, by the block they follow: "all" or "0,5,-2" (negative from the end)
+    )
+    # States they may read (0 = embedding, j = block j-1's output): "all", "0,3" for every aggregation, or per
+    # aggregation
     # "-2:0,8,10;-1:0,10" (by the block it follows; unlisted ones read all). The newest state is always read with
     # dense_mix="replace"; with "add" it is the base of the sum and is also mixed only where listed (or "all").
     dense_sources: str = "all"
@@ -90,7 +97,9 @@ class MuddConfig:
     dense_period: int = 1  # aggregate after every p-th block only (blocks p-1, 2p-1, ...)
     dense_hidden: int = 0  # generator hidden width; 0: the paper's K_l rule
     recompute_mix: bool = False  # dense connections: recompute block inputs (generator, mix, pre-norms) in backward
-    hyper_streams: int = 4  # hc, mhc: expansion rate n, the number of residual streams (4 in the MUDD paper's comparison)
+    hyper_streams: int = (
+        4  # hc, mhc: expansion rate n, the number of residual streams (4 in the MUDD paper's comparison)
+    )
     sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations that make the stream mixing doubly stochastic
     attnres_blocks: int = 8  # attnres-block: groups of layers (at most n_layer); plain residual sums inside a group
     tie_word_embeddings: bool = False
@@ -130,34 +139,65 @@ class MuddConfig:
             self.rotary_pct = 1.0 if llama else 0.25
 
     def _validate(self) -> None:
-        for name, choices in (("block", BLOCKS), ("connection", CONNECTIONS), ("ffn_schedule", FFN_SCHEDULES),
-                              ("dense_norm", DENSE_NORMS), ("dense_mix", DENSE_MIXES), ("rope_table_dtype", TABLE_DTYPES),
-                              ("init_method", INIT_METHODS), ("attn_impl", ATTN_IMPLS), ("mix_impl", MIX_IMPLS)):
+        for name, choices in (
+            ("block", BLOCKS),
+            ("connection", CONNECTIONS),
+            ("ffn_schedule", FFN_SCHEDULES),
+            ("dense_norm", DENSE_NORMS),
+            ("dense_mix", DENSE_MIXES),
+            ("rope_table_dtype", TABLE_DTYPES),
+            ("init_method", INIT_METHODS),
+            ("attn_impl", ATTN_IMPLS),
+            ("mix_impl", MIX_IMPLS),
+        ):
             if getattr(self, name) not in choices:
-                raise ConfigError(f"MuddConfig.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}")
-        for name in ("vocab_size", "n_layer", "dim", "n_head", "intermediate_size", "block_size", "hyper_streams",
-                     "sinkhorn_iters", "attnres_blocks", "dense_dilation", "dense_period"):
+                raise ConfigError(
+                    f"MuddConfig.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}"
+                )
+        for name in (
+            "vocab_size",
+            "n_layer",
+            "dim",
+            "n_head",
+            "intermediate_size",
+            "block_size",
+            "hyper_streams",
+            "sinkhorn_iters",
+            "attnres_blocks",
+            "dense_dilation",
+            "dense_period",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MuddConfig.{name} must be positive, got {getattr(self, name)}")
         for name in ("norm_eps", "rope_base", "init_std"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"MuddConfig.{name} must be positive, got {getattr(self, name)}")
         if self.connection == "mhc" and self.hyper_streams < 2:
-            raise ConfigError(f"MuddConfig.hyper_streams={self.hyper_streams} gives connection='mhc' a single stream, which its "
-                              "sigmoid and Sinkhorn weights cannot start as a residual; use hyper_streams >= 2")
+            raise ConfigError(
+                f"MuddConfig.hyper_streams={self.hyper_streams} gives connection='mhc' a single stream, which its "
+                "sigmoid and Sinkhorn weights cannot start as a residual; use hyper_streams >= 2"
+            )
         self._validate_sparse()
         if self.dim % self.n_head:
-            raise ConfigError(f"MuddConfig.dim={self.dim} is not divisible by n_head={self.n_head}; pick a dim that is a multiple of n_head")
+            raise ConfigError(
+                f"MuddConfig.dim={self.dim} is not divisible by n_head={self.n_head}; "
+                "pick a dim that is a multiple of n_head"
+            )
         if not 0 < self.rotary_pct <= 1:
             raise ConfigError(f"MuddConfig.rotary_pct must be in (0, 1], got {self.rotary_pct}")
         rot = self.rotary_dim
         if rot == 0 or rot % 2:
-            raise ConfigError(f"MuddConfig.rotary_pct={self.rotary_pct} gives a rotary width of {rot} of head_dim {self.head_dim}; "
-                              "it must be even and positive: change rotary_pct")
+            raise ConfigError(
+                f"MuddConfig.rotary_pct={self.rotary_pct} gives a rotary width of {rot} of head_dim {self.head_dim}; "
+                "it must be even and positive: change rotary_pct"
+            )
         for layer, width in enumerate(self.ffn_widths):
             if width <= 0:
-                raise ConfigError(f"MuddConfig.intermediate_size={self.intermediate_size} with ffn_schedule='linear' gives layer {layer} "
-                                  "an FFN width of 0; raise intermediate_size above 128 or use ffn_schedule='constant'")
+                raise ConfigError(
+                    f"MuddConfig.intermediate_size={self.intermediate_size} with ffn_schedule='linear' gives "
+                    f"layer {layer} "
+                    "an FFN width of 0; raise intermediate_size above 128 or use ffn_schedule='constant'"
+                )
         for name in ("bos_token_id", "eos_token_id"):
             tok = getattr(self, name)
             if tok is not None and not 0 <= tok < self.vocab_size:
@@ -165,7 +205,9 @@ class MuddConfig:
 
     def _validate_sparse(self) -> None:
         if self.dense_hidden < 0:
-            raise ConfigError(f"MuddConfig.dense_hidden must be >= 0 (0: the paper's width rule), got {self.dense_hidden}")
+            raise ConfigError(
+                f"MuddConfig.dense_hidden must be >= 0 (0: the paper's width rule), got {self.dense_hidden}"
+            )
         if not self.dense_cap >= 0:
             raise ConfigError(f"MuddConfig.dense_cap must be >= 0 (0: no cap), got {self.dense_cap}")
         if not self.dense_gen_scale > 0:
@@ -173,47 +215,73 @@ class MuddConfig:
         if self.dense_mix == "add" and self.dense_norm == "prepost":
             raise ConfigError("dense_mix='add' and dense_norm='prepost' both add the mix to the newest state; pick one")
         if (self.dense_mix, self.dense_add_scale) != ("replace", 0.1) and self.connection not in DENSE_FAMILY:
-            raise ConfigError(f"dense_mix and dense_add_scale apply to the dense connections ({', '.join(DENSE_FAMILY)}), "
-                              f"not connection={self.connection!r}; drop them or pick one of those")
+            raise ConfigError(
+                f"dense_mix and dense_add_scale apply to the dense connections ({', '.join(DENSE_FAMILY)}), "
+                f"not connection={self.connection!r}; drop them or pick one of those"
+            )
         if not self.dense_gen_norm and self.connection not in DYNAMIC_DENSE:
-            raise ConfigError(f"dense_gen_norm=False applies to the dynamic dense connections ({', '.join(DYNAMIC_DENSE)}), "
-                              f"not connection={self.connection!r}")
+            raise ConfigError(
+                f"dense_gen_norm=False applies to the dynamic dense connections ({', '.join(DYNAMIC_DENSE)}), "
+                f"not connection={self.connection!r}"
+            )
         if (self.dense_cap, self.dense_gen_scale) != (0.0, 1.0) and self.connection not in DYNAMIC_DENSE:
-            raise ConfigError(f"dense_cap and dense_gen_scale act on dynamic dense weights ({', '.join(DYNAMIC_DENSE)}), "
-                              f"not connection={self.connection!r}; drop them or pick one of those")
+            raise ConfigError(
+                f"dense_cap and dense_gen_scale act on dynamic dense weights ({', '.join(DYNAMIC_DENSE)}), "
+                f"not connection={self.connection!r}; drop them or pick one of those"
+            )
         L = self.n_layer
         for layer in [] if self.dense_layers == "all" else _int_list(self.dense_layers, "dense_layers"):
             if not -L <= layer < L:
                 raise ConfigError(f"MuddConfig.dense_layers: layer {layer} is outside [-{L}, {L}) for n_layer={L}")
         for layer, sources in self._source_map().items():
             if layer is not None and not -L <= layer < L:
-                raise ConfigError(f"MuddConfig.dense_sources: aggregation {layer} is outside [-{L}, {L}) for n_layer={L}")
+                raise ConfigError(
+                    f"MuddConfig.dense_sources: aggregation {layer} is outside [-{L}, {L}) for n_layer={L}"
+                )
             for j in sources:
                 if not 0 <= j <= L:
-                    raise ConfigError(f"MuddConfig.dense_sources: state {j} is outside [0, {L}] "
-                                      "(0 = embedding, j = block j-1's output)")
-        additive_only = {"dense_add_scale_by_sources": self.dense_add_scale_by_sources, "dense_v_gain": self.dense_v_gain != 1.0,
-                         "dense_v_after_proj": self.dense_v_after_proj}
+                    raise ConfigError(
+                        f"MuddConfig.dense_sources: state {j} is outside [0, {L}] "
+                        "(0 = embedding, j = block j-1's output)"
+                    )
+        additive_only = {
+            "dense_add_scale_by_sources": self.dense_add_scale_by_sources,
+            "dense_v_gain": self.dense_v_gain != 1.0,
+            "dense_v_after_proj": self.dense_v_after_proj,
+        }
         for name, used in additive_only.items():
             if used and self.dense_mix != "add":
                 raise ConfigError(f"MuddConfig.{name} shapes the additive mix; set dense_mix='add' or drop it")
-        if self.dense_v_gain != 1.0 and (self.connection not in ("mudd", "mudd-static") or "v" not in self.dense_streams):
-            raise ConfigError("MuddConfig.dense_v_gain scales the V stream's mix: it needs connection mudd or mudd-static "
-                              f"with 'v' in dense_streams, got {self.connection!r} and {self.dense_streams!r}")
-        if self.dense_v_after_proj and (self.connection not in ("mudd", "mudd-static") or "v" not in self.dense_streams
-                                        or set("qk") & set(self.dense_streams)):
-            raise ConfigError(f"MuddConfig.dense_v_after_proj adds a V mix after the projection while q, k and v read the R "
-                              f"stream: it needs connection mudd or mudd-static and dense_streams with 'v' but no 'q' or 'k', "
-                              f"got {self.connection!r} and {self.dense_streams!r}")
+        if self.dense_v_gain != 1.0 and (
+            self.connection not in ("mudd", "mudd-static") or "v" not in self.dense_streams
+        ):
+            raise ConfigError(
+                "MuddConfig.dense_v_gain scales the V stream's mix: it needs connection mudd or mudd-static "
+                f"with 'v' in dense_streams, got {self.connection!r} and {self.dense_streams!r}"
+            )
+        if self.dense_v_after_proj and (
+            self.connection not in ("mudd", "mudd-static")
+            or "v" not in self.dense_streams
+            or set("qk") & set(self.dense_streams)
+        ):
+            raise ConfigError(
+                f"MuddConfig.dense_v_after_proj adds a V mix after the projection while q, k and v read the R "
+                f"stream: it needs connection mudd or mudd-static and dense_streams with 'v' but no 'q' or 'k', "
+                f"got {self.connection!r} and {self.dense_streams!r}"
+            )
         streams = self.dense_streams
         if not streams or set(streams) - set("qkvr") or len(set(streams)) != len(streams):
             raise ConfigError(f"MuddConfig.dense_streams={streams!r} must be distinct letters of 'qkvr', e.g. 'vr'")
         if self.is_sparse and self.connection not in DENSE_FAMILY:
-            raise ConfigError(f"sparse dense_* options apply to the dense connections ({', '.join(DENSE_FAMILY)}), "
-                              f"not connection={self.connection!r}; drop them or pick one of those")
+            raise ConfigError(
+                f"sparse dense_* options apply to the dense connections ({', '.join(DENSE_FAMILY)}), "
+                f"not connection={self.connection!r}; drop them or pick one of those"
+            )
         if streams != "qkvr" and self.connection in ("ddformer", "denseformer"):
-            raise ConfigError(f"MuddConfig.dense_streams={streams!r} needs a multiway connection (mudd, mudd-static); "
-                              f"{self.connection} mixes one stream")
+            raise ConfigError(
+                f"MuddConfig.dense_streams={streams!r} needs a multiway connection (mudd, mudd-static); "
+                f"{self.connection} mixes one stream"
+            )
 
     @property
     def dense_layer_set(self) -> set[int] | None:
@@ -237,8 +305,10 @@ class MuddConfig:
             except ValueError:
                 key = None
             if not sep or key is None or key in out:
-                raise ConfigError(f"MuddConfig.dense_sources={self.dense_sources!r}: write one list ('0,3') or "
-                                  "'LAYER:STATES' items once per aggregation, e.g. '-2:0,8,10;-1:0,10'")
+                raise ConfigError(
+                    f"MuddConfig.dense_sources={self.dense_sources!r}: write one list ('0,3') or "
+                    "'LAYER:STATES' items once per aggregation, e.g. '-2:0,8,10;-1:0,10'"
+                )
             out[key] = set(_int_list(states, "dense_sources"))
         return out
 
@@ -251,8 +321,14 @@ class MuddConfig:
 
     @property
     def is_sparse(self) -> bool:
-        return (self.dense_layers, self.dense_sources, self.dense_streams, self.dense_dilation, self.dense_period,
-                self.dense_hidden) != ("all", "all", "qkvr", 1, 1, 0)
+        return (
+            self.dense_layers,
+            self.dense_sources,
+            self.dense_streams,
+            self.dense_dilation,
+            self.dense_period,
+            self.dense_hidden,
+        ) != ("all", "all", "qkvr", 1, 1, 0)
 
     # ---- derived sizes ----------------------------------------------------------------------
     @property
@@ -316,8 +392,10 @@ class MuddConfig:
         from .presets import PRESETS, RENAMED
 
         if name in RENAMED:
-            raise ConfigError(f"preset {name!r} is now called {RENAMED[name]!r} (same model); the GPT-2 speedrun's own "
-                              f"form is {RENAMED[name].replace('last2', 'speedrun')!r}")
+            raise ConfigError(
+                f"preset {name!r} is now called {RENAMED[name]!r} (same model); the GPT-2 speedrun's own "
+                f"form is {RENAMED[name].replace('last2', 'speedrun')!r}"
+            )
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
@@ -336,14 +414,18 @@ class MuddConfig:
         if os.path.isfile(path):
             with open(path) as f:
                 return cls.from_json(f.read())
-        raise ConfigError(f"{path!r} is neither a preset nor a config file nor a model folder; presets: {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"{path!r} is neither a preset nor a config file nor a model folder; presets: {', '.join(PRESETS)}"
+        )
 
 
 def _int_list(text: str, name: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"MuddConfig.{name}={text!r} must be 'all' or comma-separated integers, e.g. '0,3,-1'") from None
+        raise ConfigError(
+            f"MuddConfig.{name}={text!r} must be 'all' or comma-separated integers, e.g. '0,3,-1'"
+        ) from None
 
 
 def _allowed_types(hint: Any) -> tuple[type, ...]:
@@ -359,37 +441,59 @@ def config_from_published(d: dict[str, Any]) -> MuddConfig:
     """MuddConfig from a published config.json (model_type "muddformer" or "muddpythia")."""
     model_type = d.get("model_type")
     if model_type not in ("muddformer", "muddpythia"):
-        raise ConfigError(f"config.json model_type {model_type!r} is not a MUDD model; expected 'muddformer' or 'muddpythia'")
+        raise ConfigError(
+            f"config.json model_type {model_type!r} is not a MUDD model; expected 'muddformer' or 'muddpythia'"
+        )
     missing = [k for k in _PUBLISHED_REQUIRED if k not in d]
     if missing:
         raise ConfigError(f"published config.json lacks field {missing[0]!r}")
     pythia = model_type == "muddpythia"
     if d.get("n_local_heads", d["n_head"]) != d["n_head"]:
-        raise ConfigError("config.json n_local_heads differs from n_head: grouped-query attention is not part of the MUDD family")
+        raise ConfigError(
+            "config.json n_local_heads differs from n_head: grouped-query attention is not part of the MUDD family"
+        )
     if pythia and not (d.get("use_parallel_residual", True) and d.get("use_linear_bias", True)):
-        raise ConfigError("muddpythia config.json with use_parallel_residual or use_linear_bias false is not a published layout")
+        raise ConfigError(
+            "muddpythia config.json with use_parallel_residual or use_linear_bias false is not a published layout"
+        )
     if not d.get("dense", True):
         connection = "residual"
     else:
         if not d.get("dynamic_dense", True):
-            raise ConfigError("config.json dense=true with dynamic_dense=false has no computation in the reference code; set dynamic_dense=true")
+            raise ConfigError(
+                "config.json dense=true with dynamic_dense=false has no computation in the reference code; "
+                "set dynamic_dense=true"
+            )
         if d.get("sepln", True) is False and d.get("dense_type", "qkvr") == "qkvr":
-            raise ConfigError("config.json sepln=false with dense_type 'qkvr' is broken in the reference code; set sepln=true")
+            raise ConfigError(
+                "config.json sepln=false with dense_type 'qkvr' is broken in the reference code; set sepln=true"
+            )
         dense_type = d.get("dense_type", "qkvr")
         if dense_type not in ("qkvr", "l"):
             raise ConfigError(f"config.json dense_type {dense_type!r} is unknown; expected 'qkvr' or 'l'")
         connection = "mudd" if dense_type == "qkvr" else "ddformer"
     return MuddConfig(
-        vocab_size=d["vocab_size"], n_layer=d["n_layer"], dim=d["dim"], n_head=d["n_head"],
-        intermediate_size=d.get("intermediate_size"), block_size=d["block_size"],
-        norm_eps=d.get("norm_eps", 1e-5 if pythia else 1e-6), rope_base=float(d.get("rope_base", 10000)),
-        block="pythia" if pythia else "llama", connection=connection,
+        vocab_size=d["vocab_size"],
+        n_layer=d["n_layer"],
+        dim=d["dim"],
+        n_head=d["n_head"],
+        intermediate_size=d.get("intermediate_size"),
+        block_size=d["block_size"],
+        norm_eps=d.get("norm_eps", 1e-5 if pythia else 1e-6),
+        rope_base=float(d.get("rope_base", 10000)),
+        block="pythia" if pythia else "llama",
+        connection=connection,
         rotary_pct=float(d.get("rotary_pct", 0.25)) if pythia else 1.0,
-        use_qk_norm=bool(d.get("use_qk_norm", False)), ffn_schedule="linear",
-        dense_round64=bool(d.get("round64", False)), dense_expand_last=bool(d.get("expand_last", False)),
-        rope_table_dtype="float16" if pythia else "bfloat16", attn_impl="reference", mix_impl="reference",
+        use_qk_norm=bool(d.get("use_qk_norm", False)),
+        ffn_schedule="linear",
+        dense_round64=bool(d.get("round64", False)),
+        dense_expand_last=bool(d.get("expand_last", False)),
+        rope_table_dtype="float16" if pythia else "bfloat16",
+        attn_impl="reference",
+        mix_impl="reference",
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
     )
 
 
@@ -407,8 +511,10 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
     if (cfg.dense_cap, cfg.dense_gen_scale) != (0.0, 1.0):
         problems.append("dense_cap / dense_gen_scale (the reference uses the raw generator output)")
     if cfg.dense_mix != "replace" or not cfg.dense_gen_norm:  # (the other additive options need dense_mix='add')
-        problems.append("dense_mix='add' or dense_gen_norm=False (the reference replaces the inputs and normalises "
-                        "the generator's input)")
+        problems.append(
+            "dense_mix='add' or dense_gen_norm=False (the reference replaces the inputs and normalises "
+            "the generator's input)"
+        )
     if cfg.block == "llama" and cfg.rotary_pct != 1.0:
         problems.append("partial rotary on the llama block (the reference rotates the full head)")
     if cfg.tie_word_embeddings:
@@ -420,16 +526,37 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
     module = name.lower()
     out: dict[str, Any] = {
         "architectures": [name],
-        "auto_map": {"AutoConfig": f"configuration_{module}.{name}Config", "AutoModelForCausalLM": f"modeling_{module}.{name}"},
-        "block_size": cfg.block_size, "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else (0 if pythia else 1),
-        "dense": True, "dense_type": "qkvr", "dim": cfg.dim, "dynamic_dense": True,
+        "auto_map": {
+            "AutoConfig": f"configuration_{module}.{name}Config",
+            "AutoModelForCausalLM": f"modeling_{module}.{name}",
+        },
+        "block_size": cfg.block_size,
+        "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else (0 if pythia else 1),
+        "dense": True,
+        "dense_type": "qkvr",
+        "dim": cfg.dim,
+        "dynamic_dense": True,
         "eos_token_id": cfg.eos_token_id if cfg.eos_token_id is not None else (0 if pythia else 2),
-        "expand_last": cfg.dense_expand_last, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
-        "is_training": False, "model_type": module, "n_head": cfg.n_head, "n_layer": cfg.n_layer,
-        "n_local_heads": cfg.n_head, "norm_eps": cfg.norm_eps, "rope_base": int(cfg.rope_base) if float(cfg.rope_base).is_integer() else cfg.rope_base,
-        "round64": cfg.dense_round64, "sepln": True, "stack_hidden": False, "tie_word_embeddings": False,
-        "torch_dtype": torch_dtype, "transformers_version": "4.35.0", "use_gradient_checkpointing": False,
-        "use_layer_cache": True, "use_qk_norm": cfg.use_qk_norm, "vocab_size": cfg.vocab_size,
+        "expand_last": cfg.dense_expand_last,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "is_training": False,
+        "model_type": module,
+        "n_head": cfg.n_head,
+        "n_layer": cfg.n_layer,
+        "n_local_heads": cfg.n_head,
+        "norm_eps": cfg.norm_eps,
+        "rope_base": int(cfg.rope_base) if float(cfg.rope_base).is_integer() else cfg.rope_base,
+        "round64": cfg.dense_round64,
+        "sepln": True,
+        "stack_hidden": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": torch_dtype,
+        "transformers_version": "4.35.0",
+        "use_gradient_checkpointing": False,
+        "use_layer_cache": True,
+        "use_qk_norm": cfg.use_qk_norm,
+        "vocab_size": cfg.vocab_size,
     }
     if pythia:
         out.update(rotary_pct=cfg.rotary_pct, use_linear_bias=True, use_parallel_residual=True)

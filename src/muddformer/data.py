@@ -77,8 +77,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -139,7 +143,9 @@ def read_documents(inputs: list[str], field: str = "text") -> list[str]:
                     except json.JSONDecodeError:
                         raise DataError(f"{path}:{lineno} is not valid JSON") from None
                     if not isinstance(record, dict) or field not in record:
-                        raise DataError(f"{path}:{lineno} has no field {field!r}; pass --field with the text field's name")
+                        raise DataError(
+                            f"{path}:{lineno} has no field {field!r}; pass --field with the text field's name"
+                        )
                     docs.append(str(record[field]))
         else:
             docs.append(path.read_text(encoding="utf-8"))
@@ -170,16 +176,23 @@ def _fingerprint(docs: dict[str, list[str]], options: dict) -> str:
     return h.hexdigest()
 
 
-def prepare_documents(docs: dict[str, list[str]], out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                      vocab_size: int = 8192, shard_tokens: int = DEFAULT_SHARD_TOKENS, source: str = "",
-                      progress: bool = False) -> dict:
+def prepare_documents(
+    docs: dict[str, list[str]],
+    out: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    vocab_size: int = 8192,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    source: str = "",
+    progress: bool = False,
+) -> dict:
     """Tokenise split documents into `out`; returns its metadata. Skips the work if `out` is up to date."""
     out = Path(out)
     tok_text = Path(tokenizer).read_text() if tokenizer else None
     if tokenizer is not None:
         load_tokenizer(tokenizer)  # fail early on a bad file
-    fingerprint = _fingerprint(docs, {"tokenizer": tok_text, "vocab_size": None if tok_text else vocab_size,
-                                      "shard_tokens": shard_tokens})
+    fingerprint = _fingerprint(
+        docs, {"tokenizer": tok_text, "vocab_size": None if tok_text else vocab_size, "shard_tokens": shard_tokens}
+    )
     meta_path = out / META_NAME
     if meta_path.is_file():
         try:
@@ -194,18 +207,29 @@ def prepare_documents(docs: dict[str, list[str]], out: str | os.PathLike, tokeni
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     with atomic_dir(out) as tmp_name:
         tmp = Path(tmp_name)
-        splits = {split: _write_split(tok, texts, eot, dtype, tmp, split, shard_tokens, progress)
-                  for split, texts in docs.items()}
+        splits = {
+            split: _write_split(tok, texts, eot, dtype, tmp, split, shard_tokens, progress)
+            for split, texts in docs.items()
+        }
         tok.save(str(tmp / TOKENIZER_NAME))
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "vocab_size": vocab, "dtype": np.dtype(dtype).name,
-                "eot_id": eot, "splits": splits, "tokenizer": TOKENIZER_NAME, "source": source,
-                "fingerprint": fingerprint}
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "vocab_size": vocab,
+            "dtype": np.dtype(dtype).name,
+            "eot_id": eot,
+            "splits": splits,
+            "tokenizer": TOKENIZER_NAME,
+            "source": source,
+            "fingerprint": fingerprint,
+        }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def _write_split(tok, texts: list[str], eot: int | None, dtype, folder: Path, split: str, shard_tokens: int,
-                 progress: bool) -> dict:
+def _write_split(
+    tok, texts: list[str], eot: int | None, dtype, folder: Path, split: str, shard_tokens: int, progress: bool
+) -> dict:
     from tqdm import tqdm
 
     shards, buf, total = [], [], 0
@@ -220,7 +244,7 @@ def _write_split(tok, texts: list[str], eot: int | None, dtype, folder: Path, sp
     batch = 64
     bar = tqdm(total=len(texts), desc=f"tokenising {split}", unit="doc", disable=not progress)
     for start in range(0, len(texts), batch):
-        for enc in tok.encode_batch(texts[start:start + batch]):
+        for enc in tok.encode_batch(texts[start : start + batch]):
             ids = enc.ids + ([eot] if eot is not None else [])
             buf.append(np.asarray(ids, dtype=np.int64))
             pending += len(ids)
@@ -235,14 +259,31 @@ def _write_split(tok, texts: list[str], eot: int | None, dtype, folder: Path, sp
     return {"shards": shards, "tokens": total}
 
 
-def prepare(inputs: list[str], out: str | os.PathLike, tokenizer: str | None = None, vocab_size: int = 8192,
-            field: str = "text", val_fraction: float = 0.05, val_inputs: list[str] | None = None,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = False) -> dict:
+def prepare(
+    inputs: list[str],
+    out: str | os.PathLike,
+    tokenizer: str | None = None,
+    vocab_size: int = 8192,
+    field: str = "text",
+    val_fraction: float = 0.05,
+    val_inputs: list[str] | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress: bool = False,
+) -> dict:
     """`mudd prepare`: read text/.jsonl inputs, split off validation, tokenise into shards."""
     docs = read_documents(inputs, field)
-    split = {"train": docs, "val": read_documents(val_inputs, field)} if val_inputs else split_documents(docs, val_fraction)
-    return prepare_documents(split, out, tokenizer=tokenizer, vocab_size=vocab_size, shard_tokens=shard_tokens,
-                             source=", ".join(inputs), progress=progress)
+    split = (
+        {"train": docs, "val": read_documents(val_inputs, field)} if val_inputs else split_documents(docs, val_fraction)
+    )
+    return prepare_documents(
+        split,
+        out,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        shard_tokens=shard_tokens,
+        source=", ".join(inputs),
+        progress=progress,
+    )
 
 
 # ---- reading prepared data ----------------------------------------------------------------------
@@ -277,7 +318,7 @@ class TokenSplit:
         parts = []
         for shard in self.shards:
             if index < len(shard):
-                piece = shard[index:index + length - sum(len(p) for p in parts)]
+                piece = shard[index : index + length - sum(len(p) for p in parts)]
                 parts.append(np.asarray(piece))
                 index = 0
                 if sum(len(p) for p in parts) == length:
@@ -304,8 +345,10 @@ class TokenData:
                     raise DataError(f"token shard {path} is missing; run `mudd prepare` again")
                 arr = np.memmap(path, dtype=self.meta["dtype"], mode="r")
                 if len(arr) != shard["tokens"]:
-                    raise DataError(f"token shard {path} holds {len(arr)} tokens, {META_NAME} says {shard['tokens']}; "
-                                    "it is truncated: run `mudd prepare` again")
+                    raise DataError(
+                        f"token shard {path} holds {len(arr)} tokens, {META_NAME} says {shard['tokens']}; "
+                        "it is truncated: run `mudd prepare` again"
+                    )
                 shards.append(arr)
             self.splits[split] = TokenSplit(shards)
 
@@ -316,13 +359,24 @@ class TokenData:
     def split(self, name: str, seq_len: int) -> TokenSplit:
         if name not in self.splits or self.splits[name].tokens < seq_len + 1:
             have = self.splits[name].tokens if name in self.splits else 0
-            raise DataError(f"the {name} split of {self.folder} has {have} tokens, fewer than one sequence of "
-                            f"{seq_len + 1}; add data or lower --seq-len")
+            raise DataError(
+                f"the {name} split of {self.folder} has {have} tokens, fewer than one sequence of "
+                f"{seq_len + 1}; add data or lower --seq-len"
+            )
         return self.splits[name]
 
 
-def sample_batch(split: TokenSplit, seq_len: int, batch_size: int, seed: int, step: int, rank: int = 0,
-                 world: int = 1, micro: int = 0, accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    split: TokenSplit,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    step: int,
+    rank: int = 0,
+    world: int = 1,
+    micro: int = 0,
+    accum: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (inputs, targets) rows of one rank for one micro-batch of one step: random windows.
 
     The step's global batch (batch_size x world x accum windows) depends only on (seed, step), so a
@@ -332,7 +386,7 @@ def sample_batch(split: TokenSplit, seq_len: int, batch_size: int, seed: int, st
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, split.tokens - seq_len, (batch_size * world * accum,), generator=g)
     first = (micro * world + rank) * batch_size
-    rows = starts[first:first + batch_size]
+    rows = starts[first : first + batch_size]
     x = torch.from_numpy(np.stack([split.window(int(s), seq_len + 1).astype(np.int64) for s in rows]))
     return x[:, :-1], x[:, 1:]
 
@@ -344,7 +398,11 @@ def eval_windows(split: TokenSplit, seq_len: int, max_windows: int) -> list[int]
     return [round(i * last / max(1, n - 1)) if n > 1 else 0 for i in range(n)]
 
 
-def iter_eval_batches(split: TokenSplit, seq_len: int, batch_size: int, starts: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_eval_batches(
+    split: TokenSplit, seq_len: int, batch_size: int, starts: list[int]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for i in range(0, len(starts), batch_size):
-        x = torch.from_numpy(np.stack([split.window(s, seq_len + 1).astype(np.int64) for s in starts[i:i + batch_size]]))
+        x = torch.from_numpy(
+            np.stack([split.window(s, seq_len + 1).astype(np.int64) for s in starts[i : i + batch_size]])
+        )
         yield x[:, :-1], x[:, 1:]

@@ -72,12 +72,25 @@ def local_task_items(n: int = LOCAL_TASK_ITEMS, seed: int = LOCAL_TASK_SEED) -> 
         for speech in rng.sample(speeches, min(per_play, len(speeches))):
             true_line = speech[2]
             # Distractors of about the same length, so that length alone does not give the answer.
-            pool = sorted({line for s in speeches if s is not speech for line in s[1:]
-                           if line != true_line and abs(len(line) - len(true_line)) <= 0.2 * len(true_line)})
+            pool = sorted(
+                {
+                    line
+                    for s in speeches
+                    if s is not speech
+                    for line in s[1:]
+                    if line != true_line and abs(len(line) - len(true_line)) <= 0.2 * len(true_line)
+                }
+            )
             choices = rng.sample(pool, 3) + [true_line]
             rng.shuffle(choices)
-            items.append({"context": f"{speech[0]}\n{speech[1]}\n", "choices": choices,
-                          "label": choices.index(true_line), "play": name})
+            items.append(
+                {
+                    "context": f"{speech[0]}\n{speech[1]}\n",
+                    "choices": choices,
+                    "label": choices.index(true_line),
+                    "play": name,
+                }
+            )
     return items
 
 
@@ -126,12 +139,22 @@ def check_task_names(task_manager, tasks: list[str]) -> None:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise InputError(f"unknown lm-eval task {name!r}{hint}; list tasks with `lm-eval ls tasks`, "
-                             f"or add a folder of task YAMLs with --include-path")
+            raise InputError(
+                f"unknown lm-eval task {name!r}{hint}; list tasks with `lm-eval ls tasks`, "
+                f"or add a folder of task YAMLs with --include-path"
+            )
 
 
-def run_tasks(model, tokenizer, tasks: list[str], include_path: list[str] | None = None, limit: float | None = None,
-              num_fewshot: int | None = None, batch_size: int = 8, seed: int = 1234) -> dict:
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    include_path: list[str] | None = None,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    seed: int = 1234,
+) -> dict:
     """Evaluate a MuddForCausalLM on lm-eval tasks; returns lm-eval's results dict (samples left out)."""
     _require_lm_eval()
     from lm_eval import simple_evaluate
@@ -144,10 +167,25 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: list[str] | None
             raise InputError(f"--include-path {p} is not a folder of task YAMLs")
     manager = TaskManager(include_path=paths)
     check_task_names(manager, tasks)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_length=model.config.block_size)
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                              fewshot_random_seed=seed)
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        backend="causal",
+        batch_size=batch_size,
+        max_length=model.config.block_size,
+    )
+    results = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     return results
 
 

@@ -28,13 +28,25 @@ class Perplexity:
         return self.nll / (self.bytes * math.log(2))
 
     def as_dict(self) -> dict:
-        return {"tokens": self.tokens, "bytes": self.bytes, "nll": self.nll, "loss": self.nll / self.tokens,
-                "perplexity": self.ppl, "bits_per_byte": self.bits_per_byte}
+        return {
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "nll": self.nll,
+            "loss": self.nll / self.tokens,
+            "perplexity": self.ppl,
+            "bits_per_byte": self.bits_per_byte,
+        }
 
 
 @torch.no_grad()
-def perplexity(model: MuddModel, ids: list[int], n_bytes: int, window: int | None = None, stride: int | None = None,
-               progress: bool = False) -> Perplexity:
+def perplexity(
+    model: MuddModel,
+    ids: list[int],
+    n_bytes: int,
+    window: int | None = None,
+    stride: int | None = None,
+    progress: bool = False,
+) -> Perplexity:
     """Score every token after the first exactly once, each with up to `window` tokens of context.
 
     Windows of `window` tokens (default: the context length) advance by `stride` (default window/2);
@@ -69,8 +81,14 @@ def perplexity(model: MuddModel, ids: list[int], n_bytes: int, window: int | Non
     return Perplexity(tokens=scored - 1, bytes=n_bytes, nll=nll)
 
 
-def text_perplexity(model: MuddModel, tokenizer, path: str | Path, window: int | None = None,
-                    stride: int | None = None, progress: bool = False) -> Perplexity:
+def text_perplexity(
+    model: MuddModel,
+    tokenizer,
+    path: str | Path,
+    window: int | None = None,
+    stride: int | None = None,
+    progress: bool = False,
+) -> Perplexity:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"text file {path} does not exist")
@@ -98,14 +116,26 @@ def cmd_eval(args) -> int:
     model = MuddForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device)
     report: dict = {"model": str(args.model)}
     if args.ppl:
-        result = text_perplexity(model.model, tokenizer.backend_tokenizer, args.ppl, args.window, args.stride, progress=True)
+        result = text_perplexity(
+            model.model, tokenizer.backend_tokenizer, args.ppl, args.window, args.stride, progress=True
+        )
         report["perplexity"] = {"file": str(args.ppl), **result.as_dict()}
-        print(f"{args.ppl}: {result.tokens:,} tokens, loss {result.nll / result.tokens:.4f} nats/token, "
-              f"perplexity {result.ppl:.3f}, {result.bits_per_byte:.4f} bits/byte")
+        print(
+            f"{args.ppl}: {result.tokens:,} tokens, loss {result.nll / result.tokens:.4f} nats/token, "
+            f"perplexity {result.ppl:.3f}, {result.bits_per_byte:.4f} bits/byte"
+        )
     if args.tasks:
         tasks = [t for t in args.tasks.split(",") if t]
-        results = run_tasks(model, tokenizer, tasks, include_path=args.include_path, limit=args.limit,
-                            num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+        results = run_tasks(
+            model,
+            tokenizer,
+            tasks,
+            include_path=args.include_path,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
         print(results_table(results))
         report["lm_eval"] = json.loads(results_json(results))
     if args.output:
@@ -124,8 +154,11 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--ppl", help="text file: perplexity and bits per byte (sliding window)")
     p.add_argument("--window", type=int, help="tokens per window for --ppl (default: the context length)")
     p.add_argument("--stride", type=int, help="window step for --ppl (default: half the window)")
-    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. shakespeare_next_line (ships with "
-                                   "muddformer) or hellaswag,piqa,arc_easy when their datasets are reachable")
+    p.add_argument(
+        "--tasks",
+        help="comma-separated lm-eval tasks, e.g. shakespeare_next_line (ships with "
+        "muddformer) or hellaswag,piqa,arc_easy when their datasets are reachable",
+    )
     p.add_argument("--include-path", action="append", help="folder of extra lm-eval task YAMLs (repeatable)")
     p.add_argument("--limit", type=_limit, help="evaluate only the first N items of each task (or a fraction < 1)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per item (default: the task's)")
@@ -133,6 +166,10 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=1234, help="seed for few-shot sampling")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of the folder's")
     p.add_argument("--output", help="write the perplexity and lm-eval results to this JSON file")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
-                   help="weights dtype (default float32; auto: as stored)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default=None,
+        help="weights dtype (default float32; auto: as stored)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -23,8 +23,14 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, r
         raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None, repetition_penalty: float = 1.0) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor,
+    seen: torch.Tensor | None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+) -> torch.Tensor:
     """Float32 logits (B, V) after repetition penalty, temperature, top-k and top-p (filtered ones are -inf).
 
     Repetition penalty as in CTRL: a seen token's logit is divided by the penalty if positive,
@@ -64,12 +70,25 @@ def _emit(streamer: Any, ids: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def generate(model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
-             attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, seed: int | None = None,
-             generator: torch.Generator | None = None, streamer: Callable | Any = None, cache: str = "dynamic",
-             compile: bool = False) -> torch.Tensor:
+def generate(
+    model: MuddModel,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 20,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable | Any = None,
+    cache: str = "dynamic",
+    compile: bool = False,
+) -> torch.Tensor:
     """Prompt ids (B, P), left-padded where rows differ in length (attention_mask 0 on padding),
     followed by up to max_new_tokens generated ids per row.
 
@@ -90,8 +109,10 @@ def generate(model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int = 20
     B, P = input_ids.shape
     total = P + max_new_tokens
     if total > model.config.block_size:
-        raise InputError(f"prompt of {P} tokens plus {max_new_tokens} new ones exceeds the context "
-                         f"block_size={model.config.block_size}; shorten the prompt or ask for fewer tokens")
+        raise InputError(
+            f"prompt of {P} tokens plus {max_new_tokens} new ones exceeds the context "
+            f"block_size={model.config.block_size}; shorten the prompt or ask for fewer tokens"
+        )
     device = input_ids.device
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
@@ -109,8 +130,9 @@ def generate(model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int = 20
         kv = KVCache(cfg.n_layer)
     was_training = model.training
     model.eval()
-    logits = model(input_ids, attention_mask=attention_mask, cache=kv,
-                   cache_position=torch.arange(P, device=device)).logits[:, -1]
+    logits = model(
+        input_ids, attention_mask=attention_mask, cache=kv, cache_position=torch.arange(P, device=device)
+    ).logits[:, -1]
     step = _decode_step(model, compile and cache == "static")
     seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device) if repetition_penalty != 1.0 else None
     if seen is not None:
@@ -118,8 +140,13 @@ def generate(model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int = 20
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = [input_ids]
     for i in range(max_new_tokens):
-        nxt = choose(process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty)
-                     if do_sample or seen is not None else logits, do_sample, generator)
+        nxt = choose(
+            process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty)
+            if do_sample or seen is not None
+            else logits,
+            do_sample,
+            generator,
+        )
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         if eos:
             done |= torch.isin(nxt, torch.tensor(eos, device=device))
@@ -153,14 +180,22 @@ def _decode_step(model: MuddModel, compile: bool) -> Callable:
     return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
 
 
-def greedy_generate(model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int,
-                    eos_token_id: int | None = None) -> torch.Tensor:
+def greedy_generate(
+    model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
+) -> torch.Tensor:
     """Prompt + up to max_new_tokens greedy ids (KV-cached)."""
     return generate(model, input_ids, max_new_tokens, eos_token_id=eos_token_id)
 
 
-def sample_generate(model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                    top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_generate(
+    model: MuddModel,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Prompt + max_new_tokens sampled ids (temperature, top-k), KV-cached."""
-    return generate(model, input_ids, max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k,
-                    generator=generator)
+    return generate(
+        model, input_ids, max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k, generator=generator
+    )

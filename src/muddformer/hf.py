@@ -12,8 +12,16 @@ import os
 from typing import Any
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin,
-                          PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import checkpoints
@@ -23,8 +31,12 @@ from .errors import DependencyError, InputError
 from .model import MuddModel
 
 # transformers' generic names for our sizes (used by its caches and utilities).
-_ATTRIBUTE_MAP = {"num_hidden_layers": "n_layer", "hidden_size": "dim", "num_attention_heads": "n_head",
-                  "max_position_embeddings": "block_size"}
+_ATTRIBUTE_MAP = {
+    "num_hidden_layers": "n_layer",
+    "hidden_size": "dim",
+    "num_attention_heads": "n_head",
+    "max_position_embeddings": "block_size",
+}
 # The name the installed transformers uses for the KV cache in forward's arguments and in its outputs.
 CACHE_NAME = transformers_cache_name()
 
@@ -85,39 +97,64 @@ class MuddForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.output
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool | None = None,
-                labels: torch.Tensor | None = None, cache_position: torch.Tensor | None = None,
-                logits_to_keep: int | torch.Tensor = 0, past_key_values: Any = None,
-                **kwargs: Any) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool | None = None,
+        labels: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
         """transformers' causal-LM forward. The KV cache comes as `cache` (transformers >= 5.24) or
         `past_key_values` (earlier releases and older callers) and goes back under the name the
         installed release reads (CACHE_NAME)."""
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise InputError(f"attention_mask must be (batch, seq_len) of 1 (token) and 0 (padding), got shape "
-                             f"{tuple(attention_mask.shape)}")
+            raise InputError(
+                f"attention_mask must be (batch, seq_len) of 1 (token) and 0 (padding), got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise InputError("got two KV caches, `cache` and `past_key_values`; pass one of them")
         cache = cache if cache is not None else past_key_values
         unread = [name for name, value in kwargs.items() if is_cache_object(value)]
         if unread:  # a cache under a name we do not read would be dropped: every step would decode without context
-            raise DependencyError(f"forward received a KV cache as {unread[0]!r}, a name muddformer does not read; "
-                                  f"pass it as `cache` or `past_key_values`, or install the tested transformers "
-                                  f"(`make install`)")
+            raise DependencyError(
+                f"forward received a KV cache as {unread[0]!r}, a name muddformer does not read; "
+                f"pass it as `cache` or `past_key_values`, or install the tested transformers "
+                f"(`make install`)"
+            )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if attention_mask is not None and cache is None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the plain causal path
-        out = self.model(input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, cache_position=cache_position)
+        out = self.model(
+            input_ids,
+            labels=labels,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            cache_position=cache_position,
+        )
         logits = out.logits
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=out.loss, logits=logits, **{CACHE_NAME: cache})
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *args: Any, torch_dtype: Any = None, dtype: Any = None,
-                        device: str | torch.device | None = None, **kwargs: Any) -> "MuddForCausalLM":
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *args: Any,
+        torch_dtype: Any = None,
+        dtype: Any = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> "MuddForCausalLM":
         """Load our folder or a published one.
 
         dtype (alias torch_dtype): None = float32, "auto" = as stored. Keyword arguments that name
@@ -127,18 +164,30 @@ class MuddForCausalLM(PreTrainedModel, GenerationMixin):
         """
         fields = set(MuddConfig.__dataclass_fields__)
         config_overrides = {k: v for k, v in kwargs.items() if k in fields}
-        if device is None and isinstance(kwargs.get("device_map"), (str, torch.device)) and kwargs["device_map"] != "auto":
+        if (
+            device is None
+            and isinstance(kwargs.get("device_map"), (str, torch.device))
+            and kwargs["device_map"] != "auto"
+        ):
             device = kwargs["device_map"]
-        core = checkpoints.load_model(os.fspath(folder), dtype=dtype if dtype is not None else torch_dtype,
-                                      device=device, **config_overrides)
+        core = checkpoints.load_model(
+            os.fspath(folder), dtype=dtype if dtype is not None else torch_dtype, device=device, **config_overrides
+        )
         return cls(MuddHFConfig.from_mudd(core.config), model=core).eval()
 
-    def save_pretrained(self, folder: str | os.PathLike, *args: Any, published_format: bool = False,
-                        max_shard_size: int | str = checkpoints.DEFAULT_SHARD_SIZE, dtype: Any = None,
-                        **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike,
+        *args: Any,
+        published_format: bool = False,
+        max_shard_size: int | str = checkpoints.DEFAULT_SHARD_SIZE,
+        dtype: Any = None,
+        **kwargs: Any,
+    ) -> None:
         """Write our format (config + safetensors, sharded above max_shard_size), or the published layout."""
-        checkpoints.save_model(self.model, os.fspath(folder), published_format=published_format,
-                               max_shard_size=max_shard_size, dtype=dtype)
+        checkpoints.save_model(
+            self.model, os.fspath(folder), published_format=published_format, max_shard_size=max_shard_size, dtype=dtype
+        )
 
 
 class MuddPythiaForCausalLM(MuddForCausalLM):

@@ -38,8 +38,16 @@ class StaticKVCache:
     The model passes `cache_position` explicitly; `length` counts the slots written so far.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, head_dim: int, max_length: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         shape = (batch, n_head, max_length, head_dim)
         self.max_length = max_length
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]

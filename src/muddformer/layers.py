@@ -85,8 +85,9 @@ class AttentionContext:
     cache: Any = None
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_float32: bool,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_float32: bool, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention computed as the reference implementation does, for bit-parity in 16-bit dtypes.
 
     Scores in the model dtype; the llama family casts them to float32 for the masked softmax and
@@ -122,7 +123,9 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def queries_and_keys(self, xq: torch.Tensor, xk: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries_and_keys(
+        self, xq: torch.Tensor, xk: torch.Tensor, rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k (B, H, T, head_dim) as attention uses them: projection, per-head QK-norm, RoPE."""
         B, T, _ = xq.shape
         q = self.wq(xq).view(B, T, self.n_head, self.head_dim)
@@ -132,8 +135,14 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rope, self.rotary_dim), apply_rotary(k, rope, self.rotary_dim)
         return q.transpose(1, 2), k.transpose(1, 2)
 
-    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, ctx: AttentionContext,
-                value_add: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        ctx: AttentionContext,
+        value_add: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, D = xq.shape
         q, k = self.queries_and_keys(xq, xk, ctx.rope)
         v = self.wv(xv) if value_add is None else self.wv(xv) + value_add
@@ -143,8 +152,9 @@ class Attention(nn.Module):
         if self.attn_impl == "reference":
             out = reference_attention(q, k, v, self.softmax_float32, ctx.mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
-                                                 scale=1.0 / math.sqrt(self.head_dim))
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=1.0 / math.sqrt(self.head_dim)
+            )
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 
 

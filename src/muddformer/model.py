@@ -35,7 +35,9 @@ class MuddModel(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.connection = build_connection(cfg)
         self.layers = nn.ModuleList(
-            Block(cfg, layer, width, self.connection.multiway_input(layer)) for layer, width in enumerate(cfg.ffn_widths))
+            Block(cfg, layer, width, self.connection.multiway_input(layer))
+            for layer, width in enumerate(cfg.ffn_widths)
+        )
         self.norm = make_norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -81,8 +83,10 @@ class MuddModel(nn.Module):
         if T == 0:
             raise InputError("input_ids is empty: give at least one token")
         if past + T > self.config.block_size:
-            raise InputError(f"sequence length {past + T} exceeds the context length block_size={self.config.block_size}; "
-                             "truncate the input or use a model with a longer context")
+            raise InputError(
+                f"sequence length {past + T} exceeds the context length block_size={self.config.block_size}; "
+                "truncate the input or use a model with a longer context"
+            )
         # The id range is read on the CPU only: on an accelerator it would stop the host every step (training data
         # is checked against the vocabulary once, when the run starts; an id past the table fails in the embedding).
         if torch.compiler.is_compiling() or input_ids.device.type != "cpu":
@@ -90,12 +94,20 @@ class MuddModel(nn.Module):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = hi if hi >= self.config.vocab_size else lo
-            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
-                             "the tokenizer and the model do not match")
+            raise InputError(
+                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
+                "the tokenizer and the model do not match"
+            )
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: Any = None, cache_position: torch.Tensor | None = None) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
         """Logits of input_ids (B, T); loss with labels (shifted inside, -100 ignored).
 
         For generation: `cache` holds keys and values of earlier tokens (a KVCache, StaticKVCache or
@@ -106,8 +118,11 @@ class MuddModel(nn.Module):
         """
         if cache_position is None:
             past = cache.get_seq_length() if cache is not None else 0
-            cache_position = None if cache is None and attention_mask is None else \
-                torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+            cache_position = (
+                None
+                if cache is None and attention_mask is None
+                else torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+            )
         elif not torch.compiler.is_compiling():
             past = int(cache_position[0])
         else:
@@ -126,9 +141,14 @@ class MuddModel(nn.Module):
             cache.length = past + input_ids.shape[1]
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def attention_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          position_ids: torch.Tensor | None, cache: Any, cache_position: torch.Tensor | None
-                          ) -> AttentionContext:
+    def attention_context(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Any,
+        cache_position: torch.Tensor | None,
+    ) -> AttentionContext:
         T = input_ids.shape[1]
         if cache_position is None:  # training and plain full forwards: causal over the T tokens
             rope = self.rope[:T][None] if position_ids is None else self.rope[position_ids]
@@ -193,8 +213,10 @@ def copy_shared_weights(src: MuddModel, dst: MuddModel) -> list[str]:
             origin = name if name in source else _single_norm_name(name)
             if origin in source and not name.startswith("connection."):
                 if source[origin].shape != tensor.shape:
-                    raise InputError(f"cannot copy {origin!r}: shape {tuple(source[origin].shape)} "
-                                     f"does not match {tuple(tensor.shape)}")
+                    raise InputError(
+                        f"cannot copy {origin!r}: shape {tuple(source[origin].shape)} "
+                        f"does not match {tuple(tensor.shape)}"
+                    )
                 tensor.copy_(source[origin])
             else:
                 untouched.append(name)

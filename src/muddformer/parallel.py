@@ -86,8 +86,14 @@ def apply_compile(model: MuddModel, per_block: bool) -> None:
         model.compile(fullgraph=True)
 
 
-def parallelize(model: MuddModel, info: DistInfo, parallel: str, activation_checkpointing: bool, compile: bool,
-                mixed_precision: torch.dtype | None = None) -> nn.Module:
+def parallelize(
+    model: MuddModel,
+    info: DistInfo,
+    parallel: str,
+    activation_checkpointing: bool,
+    compile: bool,
+    mixed_precision: torch.dtype | None = None,
+) -> nn.Module:
     """Return the module to train: the model with AC / compile applied, wrapped for DDP or sharded by FSDP2."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -101,7 +107,11 @@ def parallelize(model: MuddModel, info: DistInfo, parallel: str, activation_chec
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+            if mixed_precision
+            else MixedPrecisionPolicy()
+        )
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)

@@ -16,18 +16,63 @@ _MUDD = dict(connection="mudd", ffn_schedule="linear")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The three published checkpoints (architecture §3.1).
-    "muddformer-2.8b": dict(_PILE, block="llama", n_layer=32, dim=2560, n_head=32, intermediate_size=6912,
-                            bos_token_id=1, eos_token_id=2, **_MUDD),
-    "muddpythia-1.4b": dict(_PILE, block="pythia", n_layer=24, dim=2048, n_head=16, intermediate_size=8192,
-                            bos_token_id=0, eos_token_id=0, **_MUDD),
-    "muddpythia-2.8b": dict(_PILE, block="pythia", n_layer=32, dim=2560, n_head=32, intermediate_size=10240,
-                            bos_token_id=0, eos_token_id=0, **_MUDD),
+    "muddformer-2.8b": dict(
+        _PILE,
+        block="llama",
+        n_layer=32,
+        dim=2560,
+        n_head=32,
+        intermediate_size=6912,
+        bos_token_id=1,
+        eos_token_id=2,
+        **_MUDD,
+    ),
+    "muddpythia-1.4b": dict(
+        _PILE,
+        block="pythia",
+        n_layer=24,
+        dim=2048,
+        n_head=16,
+        intermediate_size=8192,
+        bos_token_id=0,
+        eos_token_id=0,
+        **_MUDD,
+    ),
+    "muddpythia-2.8b": dict(
+        _PILE,
+        block="pythia",
+        n_layer=32,
+        dim=2560,
+        n_head=32,
+        intermediate_size=10240,
+        bos_token_id=0,
+        eos_token_id=0,
+        **_MUDD,
+    ),
     # Their baselines: the same body with a residual stream (Pythia as in the paper's Table 3).
     "tfm++-2.8b": dict(_PILE, block="llama", n_layer=32, dim=2560, n_head=32, intermediate_size=6912, **_TFMPP),
-    "pythia-1.4b": dict(_PILE_PYTHIA, block="pythia", n_layer=24, dim=2048, n_head=16, intermediate_size=8192,
-                        bos_token_id=0, eos_token_id=0, **_TFMPP),
-    "pythia-2.8b": dict(_PILE_PYTHIA, block="pythia", n_layer=32, dim=2560, n_head=32, intermediate_size=10240,
-                        bos_token_id=0, eos_token_id=0, **_TFMPP),
+    "pythia-1.4b": dict(
+        _PILE_PYTHIA,
+        block="pythia",
+        n_layer=24,
+        dim=2048,
+        n_head=16,
+        intermediate_size=8192,
+        bos_token_id=0,
+        eos_token_id=0,
+        **_TFMPP,
+    ),
+    "pythia-2.8b": dict(
+        _PILE_PYTHIA,
+        block="pythia",
+        n_layer=32,
+        dim=2560,
+        n_head=32,
+        intermediate_size=10240,
+        bos_token_id=0,
+        eos_token_id=0,
+        **_TFMPP,
+    ),
 }
 
 # The paper's scaling sizes (architecture §5, Table 2). MUDD uses PrePostDANorm: the official training
@@ -42,8 +87,9 @@ _SCALING = {
 }
 for _size, _shape in _SCALING.items():
     PRESETS[f"tfm++-{_size}"] = dict(_PILE, block="llama", **_shape, **_TFMPP)
-    PRESETS[f"muddformer-{_size}"] = dict(_PILE, block="llama", use_qk_norm=False, **_shape, **_MUDD,
-                                          dense_norm="prepost")
+    PRESETS[f"muddformer-{_size}"] = dict(
+        _PILE, block="llama", use_qk_norm=False, **_shape, **_MUDD, dense_norm="prepost"
+    )
 
 # Small models for CPU work (8k vocabulary) and tests.
 _CPU = {
@@ -61,8 +107,13 @@ def last2_mudd(n_layer: int) -> dict[str, Any]:
     the embedding, two middle states and the newest one, mixing only the value and residual streams, with a
     64-wide generator. A cheap MUDD in the spirit of the GPT-2 speedrun's, not its form (see speedrun_mudd)."""
     middle = n_layer // 2
-    return dict(connection="mudd", dense_layers="-3,-2", dense_sources=f"0,{middle},{middle + 1}", dense_streams="vr",
-                dense_hidden=64)
+    return dict(
+        connection="mudd",
+        dense_layers="-3,-2",
+        dense_sources=f"0,{middle},{middle + 1}",
+        dense_streams="vr",
+        dense_hidden=64,
+    )
 
 
 def speedrun_mudd(n_layer: int) -> dict[str, Any]:
@@ -74,19 +125,38 @@ def speedrun_mudd(n_layer: int) -> dict[str, Any]:
     (no norm); W2 and the priors zero, the mix ADDED to the stream with scale 0.2 / sqrt(sources), the V mix
     x 1.15 and added after the value projection, so q, k and v all read the R stream. Not followed: its W1
     init (kaiming-uniform; ours N(0, 1/D)) and everything outside MUDD (its body and optimizer)."""
-    return dict(connection="mudd", dense_mix="add", dense_gen_norm=False, dense_layers="-2,-1",
-                dense_sources=f"-2:0,{n_layer - 3},{n_layer - 1};-1:0,{n_layer - 1}", dense_streams="vr", dense_hidden=64,
-                dense_add_scale=0.2, dense_add_scale_by_sources=True, dense_v_gain=1.15, dense_v_after_proj=True)
+    return dict(
+        connection="mudd",
+        dense_mix="add",
+        dense_gen_norm=False,
+        dense_layers="-2,-1",
+        dense_sources=f"-2:0,{n_layer - 3},{n_layer - 1};-1:0,{n_layer - 1}",
+        dense_streams="vr",
+        dense_hidden=64,
+        dense_add_scale=0.2,
+        dense_add_scale_by_sources=True,
+        dense_v_gain=1.15,
+        dense_v_after_proj=True,
+    )
 
 
 for _size in ("tiny", "small"):  # both trimmed forms need three blocks or more
     _shape = _CPU[_size]
-    PRESETS[f"mudd-last2-{_size}"] = dict(block="llama", **_shape, ffn_schedule="constant", **last2_mudd(_shape["n_layer"]))
-    PRESETS[f"mudd-speedrun-{_size}"] = dict(block="llama", **_shape, ffn_schedule="constant",
-                                             **speedrun_mudd(_shape["n_layer"]))
+    PRESETS[f"mudd-last2-{_size}"] = dict(
+        block="llama", **_shape, ffn_schedule="constant", **last2_mudd(_shape["n_layer"])
+    )
+    PRESETS[f"mudd-speedrun-{_size}"] = dict(
+        block="llama", **_shape, ffn_schedule="constant", **speedrun_mudd(_shape["n_layer"])
+    )
 for _name, _form in (("last2", last2_mudd), ("speedrun", speedrun_mudd)):
-    PRESETS[f"muddformer-{_name}-405m"] = dict(_PILE, block="llama", use_qk_norm=False, **_SCALING["405m"],
-                                               ffn_schedule="constant", **_form(_SCALING["405m"]["n_layer"]))
+    PRESETS[f"muddformer-{_name}-405m"] = dict(
+        _PILE,
+        block="llama",
+        use_qk_norm=False,
+        **_SCALING["405m"],
+        ffn_schedule="constant",
+        **_form(_SCALING["405m"]["n_layer"]),
+    )
 # Presets renamed since: the name a user may still type, and what it became.
 RENAMED = {f"mudd-trimmed-{size}": f"mudd-last2-{size}" for size in ("tiny", "small")}
 RENAMED["muddformer-trimmed-405m"] = "muddformer-last2-405m"

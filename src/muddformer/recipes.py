@@ -85,21 +85,56 @@ class Recipe:
 
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "follows"))
 
-_PAPER = "the MUDD paper's recipe (docs/architecture.md §5): AdamW (0.9, 0.95), wd 0.1, clip 1.0, 1 % warm-up, cosine to 10 %"
+_PAPER = (
+    "the MUDD paper's recipe (docs/architecture.md §5): AdamW (0.9, 0.95), wd 0.1, clip 1.0, 1 % warm-up, "
+    "cosine to 10 %"
+)
 RECIPES: dict[str, Recipe] = {
     # The paper's scaling runs: 0.5M-token batches of 2048-token sequences, bfloat16; each size's peak LR (Table 2).
-    **{f"paper-{size}": Recipe(f"paper-{size}", f"{_PAPER}, lr {lr:g}, batch 256 x 2048", lr=lr, seq_len=2048,
-                               global_batch=256, dtype="bfloat16")
-       for size, lr in (("405m", 3e-4), ("834m", 2.5e-4), ("1.4b", 2e-4), ("deepnarrow-797m", 2.5e-4),
-                        ("deepnarrow-1.34b", 2e-4))},
+    **{
+        f"paper-{size}": Recipe(
+            f"paper-{size}",
+            f"{_PAPER}, lr {lr:g}, batch 256 x 2048",
+            lr=lr,
+            seq_len=2048,
+            global_batch=256,
+            dtype="bfloat16",
+        )
+        for size, lr in (
+            ("405m", 3e-4),
+            ("834m", 2.5e-4),
+            ("1.4b", 2e-4),
+            ("deepnarrow-797m", 2.5e-4),
+            ("deepnarrow-1.34b", 2e-4),
+        )
+    },
     # The released checkpoints (architecture §5): MUDDFormer-2.8B cosine from 3.2e-4 to 3.2e-6; MUDDPythia at
     # Pythia's peak LRs; 2M-token batches (other Pythia settings are not in the spec: the paper's stand in).
-    "muddformer-2.8b": Recipe("muddformer-2.8b", "docs/architecture.md §5 MUDDFormer-2.8B: lr 3.2e-4 cosine to 3.2e-6; otherwise the paper's",
-                              lr=3.2e-4, min_lr_ratio=0.01, seq_len=2048, global_batch=1024, dtype="bfloat16"),
-    "pythia-1.4b": Recipe("pythia-1.4b", "docs/architecture.md §5 MUDDPythia-1.4B: Pythia's peak lr 2e-4; otherwise the paper's",
-                          lr=2e-4, seq_len=2048, global_batch=1024, dtype="bfloat16"),
-    "pythia-2.8b": Recipe("pythia-2.8b", "docs/architecture.md §5 MUDDPythia-2.8B: Pythia's peak lr 1.6e-4; otherwise the paper's",
-                          lr=1.6e-4, seq_len=2048, global_batch=1024, dtype="bfloat16"),
+    "muddformer-2.8b": Recipe(
+        "muddformer-2.8b",
+        "docs/architecture.md §5 MUDDFormer-2.8B: lr 3.2e-4 cosine to 3.2e-6; otherwise the paper's",
+        lr=3.2e-4,
+        min_lr_ratio=0.01,
+        seq_len=2048,
+        global_batch=1024,
+        dtype="bfloat16",
+    ),
+    "pythia-1.4b": Recipe(
+        "pythia-1.4b",
+        "docs/architecture.md §5 MUDDPythia-1.4B: Pythia's peak lr 2e-4; otherwise the paper's",
+        lr=2e-4,
+        seq_len=2048,
+        global_batch=1024,
+        dtype="bfloat16",
+    ),
+    "pythia-2.8b": Recipe(
+        "pythia-2.8b",
+        "docs/architecture.md §5 MUDDPythia-2.8B: Pythia's peak lr 1.6e-4; otherwise the paper's",
+        lr=1.6e-4,
+        seq_len=2048,
+        global_batch=1024,
+        dtype="bfloat16",
+    ),
     # Small models on the CPU (8k vocabulary, float32): the paper's recipe at a peak LR for their size.
     "cpu": Recipe("cpu", f"{_PAPER}, at lr 3e-3 for 1-10M-parameter models", lr=3e-3),
 }
@@ -108,10 +143,15 @@ RECIPES: dict[str, Recipe] = {
 # here) on a size's own recipe; the rest of the record (NorMuon body, schedule) is not ours to follow.
 for _base in ("cpu", "paper-405m"):
     RECIPES[f"{_base}-speedrun"] = dataclasses.replace(
-        RECIPES[_base], name=f"{_base}-speedrun", generator_lr_mult=0.25, prior_lr_mult=0.25, generator_beta2=0.99,
+        RECIPES[_base],
+        name=f"{_base}-speedrun",
+        generator_lr_mult=0.25,
+        prior_lr_mult=0.25,
+        generator_beta2=0.99,
         generator_weight_decay=0.0,
         follows=RECIPES[_base].follows + "; the MUDD parameters as the GPT-2 speedrun's record: lr x 0.25, betas "
-                                         "(0.9, 0.99), no weight decay")
+        "(0.9, 0.99), no weight decay",
+    )
 
 
 def get_recipe(name: str) -> Recipe:
@@ -129,8 +169,10 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     `lr_mult` (the loop sets lr = schedule x lr_mult); every trainable parameter is in exactly one group."""
     connection = model.connection
     priors = {"connection." + name for name in connection.static_prior_names()}
-    gen_betas = (recipe.generator_beta1 if recipe.generator_beta1 is not None else recipe.beta1,
-                 recipe.generator_beta2 if recipe.generator_beta2 is not None else recipe.beta2)
+    gen_betas = (
+        recipe.generator_beta1 if recipe.generator_beta1 is not None else recipe.beta1,
+        recipe.generator_beta2 if recipe.generator_beta2 is not None else recipe.beta2,
+    )
     gen_wd = recipe.generator_weight_decay if recipe.generator_weight_decay is not None else recipe.weight_decay
     settings = {
         "matrices": dict(lr_mult=1.0, weight_decay=recipe.weight_decay, betas=(recipe.beta1, recipe.beta2)),
@@ -163,6 +205,8 @@ def gradient_accumulation(recipe: Recipe, world: int) -> int:
         return 1
     per_step = recipe.batch_size * world
     if recipe.global_batch % per_step:
-        raise ConfigError(f"recipe {recipe.name!r}: --global-batch {recipe.global_batch} is not a multiple of --batch-size "
-                          f"{recipe.batch_size} x {world} rank(s); change --batch-size or pass --grad-accum")
+        raise ConfigError(
+            f"recipe {recipe.name!r}: --global-batch {recipe.global_batch} is not a multiple of --batch-size "
+            f"{recipe.batch_size} x {world} rank(s); change --batch-size or pass --grad-accum"
+        )
     return recipe.global_batch // per_step

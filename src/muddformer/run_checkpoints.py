@@ -64,18 +64,31 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, core_config: MuddConfig, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, tokenizer_path: Path | None, is_main: bool, keep: int) -> Path | None:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    core_config: MuddConfig,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    tokenizer_path: Path | None,
+    is_main: bool,
+    keep: int,
+) -> Path | None:
     """Write checkpoint `step` atomically (rank 0 writes; every rank must call) and keep the newest `keep`."""
     model_sd, optim_sd = full_state(model, optimizer)
     final = step_dir(root, step)
     if is_main:
         with checkpoints.atomic_dir(final) as tmp_name:
             tmp = Path(tmp_name)
-            tensors = {k: v for k, v in model_sd.items() if not (core_config.tie_word_embeddings and k == "output.weight")}
+            tensors = {
+                k: v for k, v in model_sd.items() if not (core_config.tie_word_embeddings and k == "output.weight")
+            }
             checkpoints.save_tensors(tensors, str(tmp))
             dtype = next(iter(tensors.values())).dtype
-            checkpoints.write_json_atomic(str(tmp / checkpoints.CONFIG_NAME), checkpoints.our_config_json(core_config, dtype))
+            checkpoints.write_json_atomic(
+                str(tmp / checkpoints.CONFIG_NAME), checkpoints.our_config_json(core_config, dtype)
+            )
             if tokenizer_path is not None and tokenizer_path.is_file():
                 export_tokenizer(tokenizer_path, tmp, core_config.block_size)
             torch.save({"optimizer": optim_sd, "rng": rng_state()}, tmp / OPTIMIZER_NAME)
@@ -94,7 +107,9 @@ class Resumed:
     folder: Path
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, core_config: MuddConfig) -> Resumed:
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, core_config: MuddConfig
+) -> Resumed:
     """Load one checkpoint into model and optimizer; CheckpointError if it is unreadable or does not fit."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_state_dict
 
@@ -104,8 +119,10 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {folder} is incomplete or corrupt ({e})") from None
     if saved_cfg.architecture() != core_config.architecture():  # the execution fields may change on resume
-        raise CheckpointError(f"checkpoint {folder} holds a model with a different config; "
-                              "use another --out for a new run, or the same options to resume")
+        raise CheckpointError(
+            f"checkpoint {folder} holds a model with a different config; "
+            "use another --out for a new run, or the same options to resume"
+        )
     tensors = checkpoints.read_tensors(str(folder))
     if core_config.tie_word_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
@@ -118,14 +135,20 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     if expected != model_keys:
         missing = sorted(model_keys - expected)
         raise CheckpointError(f"checkpoint {folder} does not fit the model (first missing: {missing[:1]})")
-    set_state_dict(model, optimizer, model_state_dict=tensors, optim_state_dict=extra["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=tensors,
+        optim_state_dict=extra["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
     set_rng_state(extra["rng"])
     return Resumed(step=int(state["step"]), state=state, folder=folder)
 
 
-def resume_latest(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, core_config: MuddConfig,
-                  report) -> Resumed | None:
+def resume_latest(
+    root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, core_config: MuddConfig, report
+) -> Resumed | None:
     """Load the newest checkpoint that reads cleanly; report each broken one and fall back to the previous."""
     for step, folder in reversed(list_checkpoints(root)):
         try:

@@ -26,13 +26,13 @@ class TextStream:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
             return
-        self.out.write(text[self.printed:])
+        self.out.write(text[self.printed :])
         self.out.flush()
         self.printed = len(text)
 
 
 def resolve_device(name: str) -> str:
-    """"auto" -> cuda when available, else cpu; any other name as given."""
+    """ "auto" -> cuda when available, else cpu; any other name as given."""
     return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -73,20 +73,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InputError(f"prompt {prompt!r} encodes to no tokens")
         budget = args.max_new_tokens
         if len(ids) + budget > model.config.block_size:
-            raise InputError(f"prompt of {len(ids)} tokens plus --max-new-tokens {budget} exceeds the context "
-                             f"block_size={model.config.block_size}; shorten the prompt or lower --max-new-tokens")
+            raise InputError(
+                f"prompt of {len(ids)} tokens plus --max-new-tokens {budget} exceeds the context "
+                f"block_size={model.config.block_size}; shorten the prompt or lower --max-new-tokens"
+            )
         sys.stdout.write(prompt)
         stream = TextStream(tok)
         start = time.perf_counter()
-        out = generate(model, torch.tensor([ids], device=device), budget, do_sample=args.do_sample,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       repetition_penalty=args.repetition_penalty, eos_token_id=None if args.ignore_eos else eos,
-                       seed=args.seed, streamer=stream, cache=args.cache, compile=args.compile)
+        out = generate(
+            model,
+            torch.tensor([ids], device=device),
+            budget,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            eos_token_id=None if args.ignore_eos else eos,
+            seed=args.seed,
+            streamer=stream,
+            cache=args.cache,
+            compile=args.compile,
+        )
         total_time += time.perf_counter() - start
         total_tokens += out.shape[1] - len(ids)
         sys.stdout.write("\n")
-    print(f"[{total_tokens} tokens in {total_time:.2f} s: {total_tokens / max(total_time, 1e-9):.1f} tokens/s]",
-          file=sys.stderr)
+    print(
+        f"[{total_tokens} tokens in {total_time:.2f} s: {total_tokens / max(total_time, 1e-9):.1f} tokens/s]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -105,6 +120,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache kind")
     p.add_argument("--compile", action="store_true", help="compile the decode step (with --cache static)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
-                   help="weights dtype (default float32; auto: as stored)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default=None,
+        help="weights dtype (default float32; auto: as stored)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

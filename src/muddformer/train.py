@@ -30,10 +30,10 @@ from .config import CONNECTIONS, MuddConfig
 from .data import DataError, TokenData, bundled_data_dir, eval_windows, iter_eval_batches, load_tokenizer, sample_batch
 from .errors import ConfigError, MuddError
 from .model import MuddModel, count_parameters, next_token_loss
-from .presets import PRESET_RECIPES
-from .recipes import OVERRIDABLE, PRECISIONS, SCHEDULES, Recipe, get_recipe, gradient_accumulation, param_groups
 from .parallel import DistInfo, all_reduce_mean, close_distributed, init_distributed, parallelize
 from .plotting import pyplot, save_png
+from .presets import PRESET_RECIPES
+from .recipes import OVERRIDABLE, PRECISIONS, SCHEDULES, Recipe, get_recipe, gradient_accumulation, param_groups
 from .run_checkpoints import list_checkpoints, resume_latest, save_checkpoint
 from .telemetry import SpikeWatch, group_grad_norms
 
@@ -152,11 +152,15 @@ def validate(tc: TrainConfig, cfg: MuddConfig, data: TokenData) -> int:
         raise ConfigError(f"--parallel {tc.parallel!r} is unknown; choose none, ddp or fsdp")
     seq_len = tc.seq_len or min(256, cfg.block_size)
     if seq_len > cfg.block_size:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context block_size={cfg.block_size}; "
-                          f"lower --seq-len or raise block_size (--set block_size={seq_len})")
+        raise ConfigError(
+            f"--seq-len {seq_len} exceeds the model's context block_size={cfg.block_size}; "
+            f"lower --seq-len or raise block_size (--set block_size={seq_len})"
+        )
     if data.vocab_size > cfg.vocab_size:
-        raise DataError(f"the data was tokenised with a {data.vocab_size}-token vocabulary but the model has vocab_size="
-                        f"{cfg.vocab_size}; use --set vocab_size={data.vocab_size} or prepare the data with a smaller tokenizer")
+        raise DataError(
+            f"the data was tokenised with a {data.vocab_size}-token vocabulary but the model has vocab_size="
+            f"{cfg.vocab_size}; use --set vocab_size={data.vocab_size} or prepare the data with a smaller tokenizer"
+        )
     data.split("train", seq_len)
     data.split("val", seq_len)
     return seq_len
@@ -212,7 +216,9 @@ class RunLog:
         # A resumed run rewrites history after its checkpoint, so drop records from the lost steps.
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        keep = [
+            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+        ]
         with atomic_path(str(self.path)) as tmp:
             Path(tmp).write_text("".join(line + "\n" for line in keep))
 
@@ -261,9 +267,17 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
 
 def environment(device: torch.device, world: int = 1) -> dict:
     """Versions and hardware, recorded with every run and benchmark."""
-    env = {"muddformer": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "world_size": world, "device": str(device)}
+    env = {
+        "muddformer": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": world,
+        "device": str(device),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -272,8 +286,9 @@ def environment(device: torch.device, world: int = 1) -> dict:
 
 # ---- the loop -----------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, batch_size: int, windows: list[int],
-             info: DistInfo, autocast) -> float:
+def evaluate(
+    model: torch.nn.Module, data: TokenData, seq_len: int, batch_size: int, windows: list[int], info: DistInfo, autocast
+) -> float:
     model.eval()
     total = torch.zeros((), device=info.device)
     for x, y in iter_eval_batches(data.split("val", seq_len), seq_len, batch_size, windows):
@@ -321,8 +336,14 @@ def _train(tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, se
     core = MuddModel(cfg).to(info.device)
     counts = count_parameters(core)
     lowp = tc.dtype == "bfloat16"
-    model = parallelize(core, info, tc.parallel, tc.activation_checkpointing, tc.compile,
-                        mixed_precision=torch.bfloat16 if lowp and tc.parallel == "fsdp" else None)
+    model = parallelize(
+        core,
+        info,
+        tc.parallel,
+        tc.activation_checkpointing,
+        tc.compile,
+        mixed_precision=torch.bfloat16 if lowp and tc.parallel == "fsdp" else None,
+    )
     use_autocast = lowp and tc.parallel != "fsdp"
 
     def autocast():
@@ -336,10 +357,16 @@ def _train(tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, se
         say(f"resuming from {resumed.folder} (step {start})")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        run_info = {"model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc),
-                    "recipe": dataclasses.asdict(recipe), "seq_len": seq_len,
-                    "data": str(data.folder), "data_meta": {k: data.meta[k] for k in ("vocab_size", "source")},
-                    "parameters": counts, "environment": environment(info.device, info.world)}
+        run_info = {
+            "model_config": cfg.to_dict(),
+            "train_config": dataclasses.asdict(tc),
+            "recipe": dataclasses.asdict(recipe),
+            "seq_len": seq_len,
+            "data": str(data.folder),
+            "data_meta": {k: data.meta[k] for k in ("vocab_size", "source")},
+            "parameters": counts,
+            "environment": environment(info.device, info.world),
+        }
         write_json_atomic(str(out / "config.json"), cfg.to_dict())
         write_json_atomic(str(out / "run.json"), run_info)
     log = RunLog(out, start, tc.tensorboard, enabled=info.is_main)
@@ -356,8 +383,14 @@ def _train(tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, se
 
     from tqdm import tqdm
 
-    bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=not (info.is_main and tc.progress),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not (info.is_main and tc.progress),
+        dynamic_ncols=True,
+    )
     window_start, window_tokens = time.perf_counter(), 0
     watch = SpikeWatch()
     model.train()
@@ -371,9 +404,11 @@ def _train(tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, se
         for micro in range(tc.grad_accum):
             # Dense-weight statistics come from the first micro-batch of a log step.
             core.connection.telemetry = {} if logging and tc.telemetry and micro == 0 else None
-            x, y = sample_batch(train_split, seq_len, tc.batch_size, tc.seed, step, info.rank, info.world, micro, tc.grad_accum)
+            x, y = sample_batch(
+                train_split, seq_len, tc.batch_size, tc.seed, step, info.rank, info.world, micro, tc.grad_accum
+            )
             sync = micro == tc.grad_accum - 1 or not hasattr(model, "no_sync")
-            with (nullcontext() if sync else model.no_sync()), autocast():
+            with nullcontext() if sync else model.no_sync(), autocast():
                 loss = next_token_loss(model(x.to(info.device)).logits, y.to(info.device)) / tc.grad_accum
             loss.backward()
             loss_sum += loss.detach()
@@ -389,8 +424,10 @@ def _train(tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, se
             bar.close()
             kept = list_checkpoints(ckpt_root)
             where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
-            raise TrainingDiverged(f"loss became {loss_mean.item()} at step {step + 1} (grad norm {grad_norm.item()}); "
-                                   f"{where}; lower --lr or raise --warmup")
+            raise TrainingDiverged(
+                f"loss became {loss_mean.item()} at step {step + 1} (grad norm {grad_norm.item()}); "
+                f"{where}; lower --lr or raise --warmup"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window_tokens += tokens_per_step
@@ -398,8 +435,14 @@ def _train(tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, se
         if logging:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed if elapsed > 0 else 0.0
-            record = {"step": done, "loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                      "tokens": done * tokens_per_step, "tokens_per_s": tps}
+            record = {
+                "step": done,
+                "loss": loss_mean.item(),
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens": done * tokens_per_step,
+                "tokens_per_s": tps,
+            }
             if peak:
                 record["mfu"] = tps * fpt / (peak * info.world)
             if info.device.type == "cuda":
@@ -422,9 +465,21 @@ def _train(tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, se
             if info.is_main:
                 plot_losses(log.records(), out / "loss.png", f"{tc.preset} ({cfg.connection})")
         if done % tc.save_every == 0 or done == tc.max_steps:
-            save_checkpoint(ckpt_root, done, model, cfg, optimizer, {"seed": tc.seed, "tokens": done * tokens_per_step,
-                            "data_position": {"step": done, "micro_batches_per_step": tc.grad_accum}},
-                            data.tokenizer_path, info.is_main, tc.keep_checkpoints)
+            save_checkpoint(
+                ckpt_root,
+                done,
+                model,
+                cfg,
+                optimizer,
+                {
+                    "seed": tc.seed,
+                    "tokens": done * tokens_per_step,
+                    "data_position": {"step": done, "micro_batches_per_step": tc.grad_accum},
+                },
+                data.tokenizer_path,
+                info.is_main,
+                tc.keep_checkpoints,
+            )
             window_start = time.perf_counter()  # do not count checkpoint time as training time
     bar.close()
     # Under FSDP every rank takes part in each forward; otherwise rank 0 samples alone.
@@ -445,13 +500,14 @@ def write_sample(core: MuddModel, data: TokenData, tc: TrainConfig, out: Path | 
 
     tok = load_tokenizer(data.tokenizer_path)
     ids = tok.encode(tc.sample_prompt).ids or [data.eot_id or 0]
-    ids = ids[-(core.config.block_size - 1):]
+    ids = ids[-(core.config.block_size - 1) :]
     g = torch.Generator().manual_seed(tc.seed)
     core.eval()
     budget = min(tc.sample_tokens, core.config.block_size - len(ids))
     with torch.compiler.set_stance("force_eager"):  # decode shapes change every step: no recompiles
-        new = sample_generate(core, torch.tensor([ids], device=info.device), budget, temperature=0.8, top_k=50,
-                              generator=g)
+        new = sample_generate(
+            core, torch.tensor([ids], device=info.device), budget, temperature=0.8, top_k=50, generator=g
+        )
     text = tok.decode(new[0].tolist())
     if out is not None:
         with atomic_path(str(out / "sample.txt")) as tmp:
@@ -463,8 +519,10 @@ def write_sample(core: MuddModel, data: TokenData, tc: TrainConfig, out: Path | 
 def add_recipe_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """--recipe and one override flag per Recipe field (default None: the recipe's value). `mudd compare`
     shares them, less the fields in `skip` that it declares itself."""
-    group = p.add_argument_group("recipe", "how the run trains: a named recipe (`mudd recipes`; default: the "
-                                           "preset's) and overrides of its fields")
+    group = p.add_argument_group(
+        "recipe",
+        "how the run trains: a named recipe (`mudd recipes`; default: the preset's) and overrides of its fields",
+    )
 
     def add(flag: str, **kw) -> None:
         if flag[2:].replace("-", "_") not in skip:
@@ -484,8 +542,11 @@ def add_recipe_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ())
     add("--weight-decay", type=float, help="on matrices (norms, biases and static priors never)")
     add("--grad-clip", type=float, help="global gradient-norm clip (0: off)")
     add("--dtype", choices=PRECISIONS, help="compute dtype (bfloat16: autocast / FSDP mixed precision)")
-    add("--generator-lr-mult", type=float,
-        help="learning-rate multiplier of the connection's own parameters (MUDD's weight generators, ...)")
+    add(
+        "--generator-lr-mult",
+        type=float,
+        help="learning-rate multiplier of the connection's own parameters (MUDD's weight generators, ...)",
+    )
     add("--generator-beta1", type=float, help="their AdamW beta1 (default: --beta1)")
     add("--generator-beta2", type=float, help="their AdamW beta2 (default: --beta2)")
     add("--generator-weight-decay", type=float, help="their weight decay on matrices (default: --weight-decay)")
@@ -496,30 +557,45 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--preset", default=d.preset, help="model preset (see `mudd presets`; default tiny)")
     p.add_argument("--config", help="YAML or JSON file of MuddConfig fields overriding the preset")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override one MuddConfig field (repeatable)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override one MuddConfig field (repeatable)"
+    )
     p.add_argument("--connection", choices=CONNECTIONS, help="override the preset's connection")
     p.add_argument("--data", help="prepared data folder (`mudd prepare`); default: the bundled Shakespeare corpus")
     p.add_argument("--out", help="run folder (default runs/PRESET-CONNECTION); re-running resumes from it")
     p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: those that make the "
-                                                  "recipe's --global-batch, else 1)")
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        help="micro-batches per optimizer step (default: those that make the recipe's --global-batch, else 1)",
+    )
     add_recipe_arguments(p)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation sequences per evaluation")
     p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints kept (default 3)")
+    p.add_argument(
+        "--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints kept (default 3)"
+    )
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=d.parallel, help="data parallelism under torchrun")
+    p.add_argument(
+        "--parallel", choices=["none", "ddp", "fsdp"], default=d.parallel, help="data parallelism under torchrun"
+    )
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="tokens of text sampled at the end (0: none)")
+    p.add_argument(
+        "--sample-tokens", type=int, default=d.sample_tokens, help="tokens of text sampled at the end (0: none)"
+    )
     p.add_argument("--sample-prompt", default=d.sample_prompt)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--no-telemetry", dest="telemetry", action="store_false",
-                   help="log no dense-weight statistics or per-group gradient norms")
+    p.add_argument(
+        "--no-telemetry",
+        dest="telemetry",
+        action="store_false",
+        help="log no dense-weight statistics or per-group gradient norms",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -533,8 +609,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m muddformer.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m muddformer.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     try:

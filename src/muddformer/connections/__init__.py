@@ -5,8 +5,7 @@ from __future__ import annotations
 from ..config import CONNECTIONS, DENSE_FAMILY, MuddConfig
 from .attn_residual import AttentionResidualConnection, BlockAttentionResidualConnection
 from .base import Connection, DepthState
-from .dense import (DDFormerConnection, DenseConnection, DenseFormerConnection, MuddConnection,
-                    StaticMultiwayConnection)
+from .dense import DDFormerConnection, DenseConnection, DenseFormerConnection, MuddConnection, StaticMultiwayConnection
 from .hyper import HyperConnection, ManifoldHyperConnection
 from .residual import ResidualConnection
 
@@ -22,12 +21,20 @@ REGISTRY: dict[str, type[Connection]] = {
     "attnres-block": BlockAttentionResidualConnection,
 }
 assert set(REGISTRY) == set(CONNECTIONS), "config.CONNECTIONS and the registry must name the same variants"
-assert {name for name, cls in REGISTRY.items() if issubclass(cls, DenseConnection)} == set(DENSE_FAMILY), \
+assert {name for name, cls in REGISTRY.items() if issubclass(cls, DenseConnection)} == set(DENSE_FAMILY), (
     "config.DENSE_FAMILY (which the sparse options apply to) must name the DenseConnection variants"
+)
 
 
 def build_connection(cfg: MuddConfig) -> Connection:
     return REGISTRY[cfg.connection](cfg)
 
 
-__all__ = ["Connection", "DepthState", "DenseConnection", "REGISTRY", "build_connection", *[c.__name__ for c in REGISTRY.values()]]
+__all__ = [
+    "Connection",
+    "DepthState",
+    "DenseConnection",
+    "REGISTRY",
+    "build_connection",
+    *[c.__name__ for c in REGISTRY.values()],
+]

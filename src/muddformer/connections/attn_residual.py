@@ -68,9 +68,11 @@ class AttentionResidualConnection(Connection):
         completed, state.inputs = block((tuple(state.states), state.inputs), ctx, around=self)
         state.states = list(completed)
 
-    def through_block(self, block: nn.Module, sources: tuple[Sources, torch.Tensor | None], ctx
-                      ) -> tuple[Sources, torch.Tensor | None]:
-        """Block `block.layer_idx` on (completed sources, partial sum); a pure function, so checkpointing can rerun it."""
+    def through_block(
+        self, block: nn.Module, sources: tuple[Sources, torch.Tensor | None], ctx
+    ) -> tuple[Sources, torch.Tensor | None]:
+        """Block `block.layer_idx` on (completed sources, partial sum); a pure function, so checkpointing can
+        rerun it."""
         completed, partial = sources
         first = block.layer_idx * self.sites_per_block
         completed, partial, h = self.read(first, completed, partial)
@@ -80,8 +82,9 @@ class AttentionResidualConnection(Connection):
         completed, partial, h = self.read(first + 1, completed, partial)
         return completed, accumulate(partial, block.ffn_part(h))
 
-    def read(self, site: int, completed: Sources, partial: torch.Tensor | None
-             ) -> tuple[Sources, torch.Tensor | None, torch.Tensor]:
+    def read(
+        self, site: int, completed: Sources, partial: torch.Tensor | None
+    ) -> tuple[Sources, torch.Tensor | None, torch.Tensor]:
         """Close the open group when sub-layer `site` starts a new one, then mix the sources for it."""
         if partial is not None and self.groups[site] != self.groups[site - 1]:
             completed, partial = (*completed, partial), None

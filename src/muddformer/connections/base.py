@@ -4,7 +4,8 @@ A connection decides what each block reads. The body loop is the same for all of
 
     state = conn.begin(embedding)
     for layer, block in enumerate(blocks):
-        conn.run_block(state, layer, block, ctx)   # = conn.advance(state, layer, block(conn.block_input(state, layer), ctx))
+        # = conn.advance(state, layer, block(conn.block_input(state, layer), ctx))
+        conn.run_block(state, layer, block, ctx)
     final = conn.output(state)
 
 Blocks never know which connection fed them; a new variant is one new class.

@@ -81,7 +81,9 @@ def aggregation_plan(cfg: MuddConfig, n_streams: int) -> list[Aggregation | None
             streams = (0,) if "r" in cfg.dense_streams else ()
         else:
             streams = tuple(i for i, name in enumerate("qkvr") if name in cfg.dense_streams)
-        src = tuple(j for j in range(newest) if (sources is None or j in sources) and (newest - j) % cfg.dense_dilation == 0)
+        src = tuple(
+            j for j in range(newest) if (sources is None or j in sources) and (newest - j) % cfg.dense_dilation == 0
+        )
         # Replacing the inputs needs the newest state among the sources (the residual start); adding to it does not.
         if cfg.dense_mix == "replace" or sources is None or newest in sources:
             src += (newest,)
@@ -102,27 +104,46 @@ class DenseConnection(Connection):
         self.additive, self.v_after_proj = cfg.dense_mix == "add", cfg.dense_v_after_proj
         self.plan = aggregation_plan(cfg, self.n_streams)
         # The additive form's factor on each aggregation's mix, per stream position (q, k, v, r).
-        self.add_scales = [None if agg is None else
-                           [cfg.dense_add_scale / (len(agg.sources) ** 0.5 if cfg.dense_add_scale_by_sources else 1.0)
-                            * (cfg.dense_v_gain if c == 2 and self.input_streams(layer) == 4 else 1.0) for c in range(4)]
-                           for layer, agg in enumerate(self.plan)]
+        self.add_scales = [
+            None
+            if agg is None
+            else [
+                cfg.dense_add_scale
+                / (len(agg.sources) ** 0.5 if cfg.dense_add_scale_by_sources else 1.0)
+                * (cfg.dense_v_gain if c == 2 and self.input_streams(layer) == 4 else 1.0)
+                for c in range(4)
+            ]
+            for layer, agg in enumerate(self.plan)
+        ]
         kept = {layer: agg for layer, agg in enumerate(self.plan) if agg is not None}
         # The streams each aggregation mixes ([4, 4, ..., 1] for full MUDD; 0 where none).
         self.streams = [len(agg.streams) if agg else 0 for agg in self.plan]
         # Keyed by layer, so full MUDD keeps the published names dense_bs.{l} and dynamic_dense.{l}.
-        self.dense_bs = nn.ParameterDict({str(layer): nn.Parameter(torch.zeros(len(agg.streams), len(agg.sources)))
-                                          for layer, agg in kept.items()})
+        self.dense_bs = nn.ParameterDict(
+            {str(layer): nn.Parameter(torch.zeros(len(agg.streams), len(agg.sources))) for layer, agg in kept.items()}
+        )
         if self.dynamic:
+
             def width(layer: int, agg: Aggregation) -> int:
                 if cfg.dense_hidden:
                     return cfg.dense_hidden
-                return generator_width(len(agg.streams), len(agg.sources), layer == L - 1, cfg.dense_expand_last,
-                                       cfg.dense_round64)
+                return generator_width(
+                    len(agg.streams), len(agg.sources), layer == L - 1, cfg.dense_expand_last, cfg.dense_round64
+                )
 
-            self.dynamic_dense = nn.ModuleDict({
-                str(layer): WeightGenerator(cfg.dim, width(layer, agg), len(agg.streams) * len(agg.sources),
-                                            cfg.norm_eps, scaled_norm=self.prepost, input_norm=cfg.dense_gen_norm)
-                for layer, agg in kept.items()})
+            self.dynamic_dense = nn.ModuleDict(
+                {
+                    str(layer): WeightGenerator(
+                        cfg.dim,
+                        width(layer, agg),
+                        len(agg.streams) * len(agg.sources),
+                        cfg.norm_eps,
+                        scaled_norm=self.prepost,
+                        input_norm=cfg.dense_gen_norm,
+                    )
+                    for layer, agg in kept.items()
+                }
+            )
         if self.prepost:
             # PrePostDANorm (paper Eq. 10): every stored state is normalised; the R stream's sum is
             # normalised again with a small scale and added to the newest state.
@@ -142,8 +163,12 @@ class DenseConnection(Connection):
         return 4 if self.n_streams == 4 and layer < self.n_layer - 1 else 1
 
     def multiway_input(self, layer: int) -> bool:
-        return (layer >= 1 and self.plan[layer - 1] is not None and self.input_streams(layer - 1) == 4
-                and not self.v_after_proj)
+        return (
+            layer >= 1
+            and self.plan[layer - 1] is not None
+            and self.input_streams(layer - 1) == 4
+            and not self.v_after_proj
+        )
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -153,7 +178,7 @@ class DenseConnection(Connection):
                     bias[:, -1] = 1.0
             if self.dynamic:
                 for gen in self.dynamic_dense.values():
-                    nn.init.normal_(gen.w1.weight, std=self.dim ** -0.5)
+                    nn.init.normal_(gen.w1.weight, std=self.dim**-0.5)
                     nn.init.zeros_(gen.w2.weight)
                     if gen.norm is not None:
                         nn.init.ones_(gen.norm.weight)
@@ -215,8 +240,9 @@ class DenseConnection(Connection):
         else:
             state.inputs = self.next_inputs(state.buffer, state.states, layer, gen_input)
 
-    def next_inputs(self, buffer: DepthBuffer | None, states: list[torch.Tensor], layer: int,
-                    gen_input: torch.Tensor) -> BlockInput:
+    def next_inputs(
+        self, buffer: DepthBuffer | None, states: list[torch.Tensor], layer: int, gen_input: torch.Tensor
+    ) -> BlockInput:
         """The inputs of block layer+1: the mix of the stored states with the weights made from block layer's output."""
         agg = self.plan[layer]
         weights = self.dense_weights(layer, gen_input)
@@ -227,16 +253,18 @@ class DenseConnection(Connection):
         by_position = dict(zip(agg.streams, mixed))
         n_out = self.input_streams(layer)
         if self.prepost:  # gen_input is the block output itself; the R stream's sum is normalised again
-            streams = [gen_input if c not in by_position else
-                       gen_input + (self.post_norms[layer](by_position[c]) if c == n_out - 1 else by_position[c])
-                       for c in range(n_out)]
+            streams = [
+                gen_input
+                if c not in by_position
+                else gen_input + (self.post_norms[layer](by_position[c]) if c == n_out - 1 else by_position[c])
+                for c in range(n_out)
+            ]
         elif self.additive:  # the newest state plus the scaled mix (the speedrun's form)
             scales = self.add_scales[layer]
             if self.v_after_proj and n_out == 4:  # q, k, v read the R stream; the V mix joins after W_v
                 r = gen_input + scales[3] * by_position[3] if 3 in by_position else gen_input
                 return ValueAdded(r, scales[2] * by_position[2])
-            streams = [gen_input + scales[c] * by_position[c] if c in by_position else gen_input
-                       for c in range(n_out)]
+            streams = [gen_input + scales[c] * by_position[c] if c in by_position else gen_input for c in range(n_out)]
         else:  # streams that are not mixed take the newest state, as in a residual model
             streams = [by_position.get(c, gen_input) for c in range(n_out)]
         return tuple(streams) if n_out == 4 else streams[0]

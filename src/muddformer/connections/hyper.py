@@ -35,7 +35,9 @@ class HyperConnectionBase(Connection):
         self.n_streams = cfg.hyper_streams
         per_block = 1 if cfg.block == "pythia" else 2
         self.layers = nn.ModuleList(
-            HyperLayer([self.make_site(cfg, layer * per_block + j) for j in range(per_block)]) for layer in range(cfg.n_layer))
+            HyperLayer([self.make_site(cfg, layer * per_block + j) for j in range(per_block)])
+            for layer in range(cfg.n_layer)
+        )
         self.reset_parameters()
 
     def make_site(self, cfg: MuddConfig, index: int) -> nn.Module:

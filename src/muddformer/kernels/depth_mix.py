@@ -106,8 +106,10 @@ def _use_triton(impl: str, x: torch.Tensor) -> bool:
 
     if impl == "triton":
         if not triton_available(x.device):
-            raise ValueError("mix_impl='triton' needs the triton package and a CUDA device "
-                             "(or TRITON_INTERPRET=1 on the CPU); use mix_impl='auto'")
+            raise ValueError(
+                "mix_impl='triton' needs the triton package and a CUDA device "
+                "(or TRITON_INTERPRET=1 on the CPU); use mix_impl='auto'"
+            )
         return True
     return triton_available(x.device)
 
@@ -164,8 +166,9 @@ class _BufferedMix(torch.autograd.Function):
         return (gW if ctx.needs_input_grad[0] else None), None, None, *grads
 
 
-def depth_mix_buffered(buffer: DepthBuffer, states: Sequence[torch.Tensor], weights: torch.Tensor,
-                       impl: str = "auto") -> list[torch.Tensor]:
+def depth_mix_buffered(
+    buffer: DepthBuffer, states: Sequence[torch.Tensor], weights: torch.Tensor, impl: str = "auto"
+) -> list[torch.Tensor]:
     """The mix over the buffer's first len(states) slots (`states` are the tensors `store` returned)."""
     _check(len(states), weights)
     triton = _use_triton(impl, buffer.data)

@@ -89,9 +89,21 @@ tl = None
 
 
 def _mix_forward_kernel(
-    X, W, OUT, M, N, D,
-    stride_xm, stride_xn, stride_wm, stride_wc, stride_wn,
-    C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    W,
+    OUT,
+    M,
+    N,
+    D,
+    stride_xm,
+    stride_xn,
+    stride_wm,
+    stride_wc,
+    stride_wn,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # int64 token offsets: M * N_max * D passes 2**31 for long sequences of wide models.
     tokens = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -117,9 +129,25 @@ def _mix_forward_kernel(
 
 
 def _mix_backward_kernel(
-    X, W, G, GX, GW_PARTIAL, M, N, D,
-    stride_xm, stride_xn, stride_wm, stride_wc, stride_wn, stride_gm, stride_gc,
-    C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    W,
+    G,
+    GX,
+    GW_PARTIAL,
+    M,
+    N,
+    D,
+    stride_xm,
+    stride_xn,
+    stride_wm,
+    stride_wc,
+    stride_wn,
+    stride_gm,
+    stride_gc,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_d = tl.program_id(1)
     tokens = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -199,9 +227,21 @@ def mix_forward(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     grid = (_cdiv(M, block_m), _cdiv(D, block_d))
     # W's strides are passed as they are: weights broadcast over tokens (stride 0) need no copy.
     forward_kernel[grid](
-        X, W, out, M, N, D,
-        X.stride(0), X.stride(1), W.stride(0), W.stride(1), W.stride(2),
-        C=C, C_PAD=c_pad, BLOCK_M=block_m, BLOCK_D=block_d,
+        X,
+        W,
+        out,
+        M,
+        N,
+        D,
+        X.stride(0),
+        X.stride(1),
+        W.stride(0),
+        W.stride(1),
+        W.stride(2),
+        C=C,
+        C_PAD=c_pad,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
     )
     return out
 
@@ -226,9 +266,25 @@ def mix_backward(X: torch.Tensor, W: torch.Tensor, G: torch.Tensor) -> tuple[tor
     grid = (_cdiv(M, block_m), _cdiv(D, block_d))
     gW_partial = torch.empty((grid[1], M, C, N), dtype=torch.float32, device=X.device)
     backward_kernel[grid](
-        X, W, G, gX, gW_partial, M, N, D,
-        X.stride(0), X.stride(1), W.stride(0), W.stride(1), W.stride(2), G.stride(0), G.stride(1),
-        C=C, C_PAD=c_pad, BLOCK_M=block_m, BLOCK_D=block_d,
+        X,
+        W,
+        G,
+        gX,
+        gW_partial,
+        M,
+        N,
+        D,
+        X.stride(0),
+        X.stride(1),
+        W.stride(0),
+        W.stride(1),
+        W.stride(2),
+        G.stride(0),
+        G.stride(1),
+        C=C,
+        C_PAD=c_pad,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
     )
     gW = gW_partial.sum(0) if grid[1] > 1 else gW_partial[0]
     return gX, gW.to(W.dtype)
