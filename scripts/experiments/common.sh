@@ -13,4 +13,5 @@ keep_compare() {
     dest="$2/runs/$(basename "$(dirname "$run")")/$(basename "$run")"
     mkdir -p "$dest" && cp "$run/metrics.jsonl" "$run/run.json" "$dest/"
   done
+  python3 "$(dirname "${BASH_SOURCE[0]}")/scrub_paths.py" "$2"/*.json "$2"/*.md "$2"/runs/*/*/run.json
 }

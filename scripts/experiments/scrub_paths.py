@@ -1,0 +1,18 @@
+"""Remove this machine's paths from copied result files: a run folder as runs/..., the data cache as $MUDD_CACHE.
+
+python3 scripts/experiments/scrub_paths.py FILE...
+"""
+
+import re
+import sys
+
+RUNS = re.compile(r'(^|[\s"\'=])/(?:[^/\s"\']+/)*?(runs/)')  # the first runs/ segment of an absolute path
+CACHE = re.compile(r'/(?:[^/\s"\']+/)*?\.cache/muddformer')
+
+for path in sys.argv[1:]:
+    with open(path) as f:
+        text = f.read()
+    clean = CACHE.sub("$MUDD_CACHE", RUNS.sub(r"\1\2", text))
+    if clean != text:
+        with open(path, "w") as f:
+            f.write(clean)
