@@ -35,6 +35,8 @@ def read_sweep(root: Path) -> tuple[list[str], dict[str, dict[float, float]]]:
             got = final_val_loss(path.parent / "runs" / c / "seed0", s["steps"])
             if got is not None:
                 losses[c][s["lr"]] = got
+        if len(s["connections"]) == len(order):  # a folder with every connection: its order for the table
+            order = list(s["connections"])
     return order, losses
 
 
@@ -85,6 +87,9 @@ def main() -> None:
         xs = sorted(losses[c])
         ax.plot(xs, [losses[c][lr] for lr in xs], "o-", label=c)
     ax.set_xscale("log", base=2)
+    tried = sorted({lr for c in order for lr in losses[c]})
+    ax.set_xticks(tried, labels=[f"{lr:g}" for lr in tried])
+    ax.minorticks_off()
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss")
     ax.set_title("peak-LR sweep, seed 0")
