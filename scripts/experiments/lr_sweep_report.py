@@ -11,16 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+from muddformer.compare import final_val_loss, read_records
+
 GRID = (1e-3, 2e-3, 4e-3, 8e-3)
 LIMITS = (2.5e-4, 3.2e-2)
-
-
-def final_val_loss(run: Path, steps: int) -> float | None:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    vals = [json.loads(line) for line in path.read_text().splitlines() if '"val_loss"' in line]
-    return vals[-1]["val_loss"] if vals and vals[-1]["step"] == steps else None
 
 
 def read_sweep(root: Path) -> tuple[list[str], dict[str, dict[float, float]]]:
@@ -32,7 +26,7 @@ def read_sweep(root: Path) -> tuple[list[str], dict[str, dict[float, float]]]:
             if c not in losses:
                 order.append(c)
                 losses[c] = {}
-            got = final_val_loss(path.parent / "runs" / c / "seed0", s["steps"])
+            got = final_val_loss(read_records(path.parent / "runs" / c / "seed0"), s["steps"])
             if got is not None:
                 losses[c][s["lr"]] = got
         if len(s["connections"]) == len(order):  # a folder with every connection: its order for the table

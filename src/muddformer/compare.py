@@ -247,16 +247,21 @@ def settings_record(cc: CompareConfig) -> dict:
     return {"format": FORMAT, "version": FORMAT_VERSION, "settings": asdict(cc)}
 
 
+def read_settings(path: Path, fix: str) -> dict:
+    """The settings stored in a compare.json, a setting added since then at its default; `fix` ends the error."""
+    try:
+        stored = json.loads(path.read_text())["settings"]
+        return {**asdict(CompareConfig()), **stored}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{path} is unreadable ({e}); {fix}") from None
+
+
 def check_or_write_settings(out: Path, cc: CompareConfig) -> None:
     """Write DIR/compare.json for a new compare; refuse a DIR that holds another compare or anything else."""
     path = out / SETTINGS_NAME
     if path.is_file():
-        try:
-            stored = json.loads(path.read_text()).get("settings", {})
-        except (OSError, json.JSONDecodeError, AttributeError) as e:
-            raise InputError(f"{path} is unreadable ({e}); remove it or use another --out") from None
+        stored = read_settings(path, "remove it or use another --out")
         current = asdict(cc)
-        stored = {**asdict(CompareConfig()), **stored}  # a setting added since that compare had its default
         diffs = [
             f"{k} {current.get(k)!r} here, {stored.get(k)!r} there"
             for k in sorted(set(current) | set(stored))
@@ -714,12 +719,12 @@ def run_compare(cc: CompareConfig, out: Path, progress: bool = True) -> dict:
 def stored_settings(out: Path) -> CompareConfig:
     """The CompareConfig recorded in DIR/compare.json (settings added since then take their defaults)."""
     path = out / SETTINGS_NAME
+    if not path.is_file():
+        raise InputError(f"{out} holds no {SETTINGS_NAME}: --report reads a folder written by `mudd compare`")
+    stored = read_settings(path, "restore it from the compare that wrote it")
     try:
-        stored = json.loads(path.read_text())["settings"]
-        return CompareConfig(**{**asdict(CompareConfig()), **stored})
-    except FileNotFoundError:
-        raise InputError(f"{out} holds no {SETTINGS_NAME}: --report reads a folder written by `mudd compare`") from None
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        return CompareConfig(**stored)
+    except TypeError as e:
         raise InputError(f"{path} is unreadable ({e}); restore it from the compare that wrote it") from None
 
 
