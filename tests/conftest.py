@@ -39,10 +39,22 @@ UPSTREAM_MODULES = {
 }
 
 
+# Whole modules under one marker (pyproject.toml lists the markers; `-m "not slow"` gives a quick run).
+MODULE_MARKERS = {
+    "test_parity": ("parity",),
+    "test_distributed": ("distributed", "slow"),
+}
+
+
 def pytest_collection_modifyitems(items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if item.module.__name__ in UPSTREAM_MODULES:
             item.add_marker(pytest.mark.upstream)
+        for name in MODULE_MARKERS.get(item.module.__name__, ()):
+            item.add_marker(getattr(pytest.mark, name))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +126,8 @@ def assert_one_line_error(proc, *words):
 @pytest.fixture(scope="session")
 def play_data(tmp_path_factory):
     """Four plays of the bundled corpus tokenised with a 512-token BPE (the `nano` preset's vocabulary)."""
-    from muddformer.data import bundled_plays, prepare_documents
+    from muddformer.data.corpus import bundled_plays
+    from muddformer.data.shards import prepare_documents
 
     plays = {p["name"]: p["text"] for p in bundled_plays()}
     docs = {"train": [plays["macbeth"], plays["hamlet"], plays["othello"]], "val": [plays["the-tempest"]]}
@@ -146,7 +159,7 @@ def chosen(cfg: MuddConfig, layer: int) -> tuple[list[str], list[int]] | None:
 
 def nano_run(data, out, **overrides):
     """A TrainConfig of a few quiet steps of the nano preset (no progress bar, sample or TensorBoard)."""
-    from muddformer.train import TrainConfig
+    from muddformer.training.config import TrainConfig
 
     base = dict(
         preset="nano",

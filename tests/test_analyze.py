@@ -8,11 +8,13 @@ import pytest
 import torch
 from conftest import FIXTURE_NAMES, assert_one_line_error, build, randomize_connection
 
-import muddformer.data
+import muddformer.data.shards
+import muddformer.experiments.analyze.tokens
 from muddformer import layers
-from muddformer.analyze import analyze_model, bundled_validation_tokens, cut_sequences, parse_sink_tokens
-from muddformer.checkpoints import save_model
-from muddformer.data import export_tokenizer, load_tokenizer
+from muddformer.adapters.folders import save_model
+from muddformer.data.tokenizers import export_tokenizer, load_tokenizer
+from muddformer.experiments.analyze.probes import analyze_model
+from muddformer.experiments.analyze.tokens import bundled_validation_tokens, cut_sequences, parse_sink_tokens
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -238,6 +240,7 @@ def char_tokenizer(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_cli_compare_on_the_bundled_validation_text(folders, play_data, tmp_path, run_cli, monkeypatch):
     # A cache holding play_data as the prepared bundled corpus of this vocabulary: same layout, same tokenizer.
     monkeypatch.setenv("MUDD_CACHE", str(tmp_path / "cache"))
@@ -278,6 +281,7 @@ def test_cli_compare_on_the_bundled_validation_text(folders, play_data, tmp_path
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_cli_published_folder_with_text(fixtures_dir, char_tokenizer, tmp_path, run_cli, name):
     proc = run_cli(
@@ -334,12 +338,12 @@ def test_bundled_text_is_prepared_only_for_a_run_on_the_bundled_corpus(folders, 
     def refuse(vocab_size=8192):
         raise AssertionError("prepared the bundled corpus without a reason")
 
-    monkeypatch.setattr(muddformer.data, "bundled_data_dir", refuse)
+    monkeypatch.setattr(muddformer.experiments.analyze.tokens, "bundled_data_dir", refuse)
     assert bundled_validation_tokens(tokenizer, str(folders["mudd"]), 100) is None
     # A checkpoint of a run whose run.json names the bundled corpus: prepared (here: play_data) and read.
     step = tmp_path / "run" / "checkpoints" / "step_000010"
     shutil.copytree(folders["mudd"], step)
     (tmp_path / "run" / "run.json").write_text(json.dumps({"data_meta": {"source": "bundled:shakespeare"}}))
-    monkeypatch.setattr(muddformer.data, "bundled_data_dir", lambda vocab_size=8192: play_data)
+    monkeypatch.setattr(muddformer.experiments.analyze.tokens, "bundled_data_dir", lambda vocab_size=8192: play_data)
     ids = bundled_validation_tokens(step / "tokenizer.json", str(step), 100)
-    assert len(ids) == 100 and ids == muddformer.data.TokenData(play_data).splits["val"].window(0, 100).tolist()
+    assert len(ids) == 100 and ids == muddformer.data.shards.TokenData(play_data).splits["val"].window(0, 100).tolist()

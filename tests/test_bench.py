@@ -5,8 +5,8 @@ import json
 import torch
 from conftest import small_config
 
-from muddformer.bench import mix_step_fns, saved_activation_bytes
 from muddformer.cli import main
+from muddformer.experiments.bench import mix_step_fns, saved_activation_bytes
 
 
 def test_bench_json_has_the_ratios(capsys, tmp_path):

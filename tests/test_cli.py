@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from muddformer.cli import main
 
 
@@ -26,11 +28,12 @@ def test_info_of_a_config_file(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["parameters"]["dense"] == 2 + 3
 
 
+@pytest.mark.slow
 def test_bad_input_gives_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dim": 100, "n_head": 3}))
     for arg in ("no-such-preset", str(bad)):
-        proc = subprocess.run([sys.executable, "-m", "muddformer.cli", "info", arg], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "muddformer", "info", arg], capture_output=True, text=True)
         assert proc.returncode == 2
         assert proc.stderr.startswith("mudd: error: ") and proc.stderr.count("\n") == 1
         assert "Traceback" not in proc.stderr
@@ -48,6 +51,7 @@ def test_convert_round_trip(fixtures_dir, tmp_path, capsys):
     assert "muddpythia-1.4b" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_dash_m_muddformer_is_the_mudd_command():
     """`python -m muddformer` (what `torchrun -m muddformer train` runs) dispatches like `mudd`."""
     proc = subprocess.run(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from muddformer.cli import main
-from muddformer.compare import (
-    CompareConfig,
+from muddformer.experiments.compare.settings import CompareConfig
+from muddformer.experiments.compare.stats import (
     cohen_d,
     compute_multiplier,
     regularized_incomplete_beta,
@@ -110,7 +110,8 @@ def test_default_eval_every_gives_ten_points():
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """One play to train on and part of another to validate on, with a 300-token BPE (fits nano's 512)."""
-    from muddformer.data import bundled_plays, prepare_documents
+    from muddformer.data.corpus import bundled_plays
+    from muddformer.data.shards import prepare_documents
 
     plays = {p["name"]: p["text"] for p in bundled_plays()}
     out = tmp_path_factory.mktemp("data") / "compare-bpe300"
@@ -147,6 +148,7 @@ def compare_args(data, out, steps="4", eval_every="2"):
     ]
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_resumes_and_refuses_other_settings(small_data, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(compare_args(small_data, out)) == 0
@@ -302,6 +304,7 @@ def test_each_connection_trains_at_its_own_learning_rate(small_data, tmp_path):
     assert "--lr-for mudd=0.0005 --recipe cpu --warmup 0.5 --generator-lr-mult 0.25" in md
 
 
+@pytest.mark.slow
 def test_report_from_the_small_files_alone(small_data, tmp_path, capsys):
     """A compare folder stripped to compare.json, metrics.jsonl and run.json (as committed under docs/results)
     reports the same figures; an unfinished run is named; a compare.json older than a setting still reads."""
@@ -332,6 +335,7 @@ def test_report_from_the_small_files_alone(small_data, tmp_path, capsys):
     assert "holds no compare.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, capsys):
     """scripts/experiments/evidence_report.py (the docs/results.md tables) on tiny stand-ins of its folders."""
     root = tmp_path / "evidence"

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from muddformer import ConfigError, MuddConfig
-from muddformer.config import config_from_published, config_to_published
+from muddformer.adapters.published import config_from_published, config_to_published
 from muddformer.presets import PRESETS
 
 # architecture §2.3: the paper's linear FFN re-allocation of the three published models.

@@ -14,7 +14,8 @@ from conftest import (
 
 from muddformer import copy_shared_weights
 from muddformer.connections.dense import generator_width
-from muddformer.kernels import depth_mix, depth_mix_reference
+from muddformer.kernels import depth_mix
+from muddformer.kernels.depth_mix import depth_mix_reference
 
 BLOCKS = ["llama", "pythia"]
 # The dense family; the rivals (hc, mhc, attnres) have their init, formula and gradient tests in test_rivals.py.
@@ -235,8 +236,8 @@ def test_buffered_mix_keeps_one_copy_of_each_state():
 )
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_recompute_mix_equals_storing_and_saves_memory(connection, dense_norm, block, checkpointed):
-    from muddformer.bench import saved_activation_bytes
-    from muddformer.parallel import apply_activation_checkpointing
+    from muddformer.experiments.bench import saved_activation_bytes
+    from muddformer.training.parallel import apply_activation_checkpointing
 
     results = {}
     for recompute in (False, True):

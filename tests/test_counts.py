@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from muddformer import MuddConfig, MuddModel, count_parameters
-from muddformer.checkpoints import ours_to_published
+from muddformer.adapters.published import ours_to_published
 
 SPEC = {  # total, dense-connection, state-dict keys
     "muddformer-2.8b": (2_804_871_709, 8_775_709, 513),

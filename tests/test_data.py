@@ -7,16 +7,11 @@ import pytest
 import torch
 
 from muddformer.cli import main
-from muddformer.data import (
-    VALIDATION_PLAYS,
-    DataError,
-    TokenData,
-    bundled_plays,
-    eval_windows,
-    load_tokenizer,
-    prepare,
-    sample_batch,
-)
+from muddformer.data.batches import eval_windows, sample_batch
+from muddformer.data.corpus import VALIDATION_PLAYS, bundled_plays
+from muddformer.data.shards import TokenData, prepare
+from muddformer.data.tokenizers import load_tokenizer
+from muddformer.errors import DataError
 
 
 def test_bundled_corpus_is_38_plays_split_by_play():

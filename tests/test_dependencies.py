@@ -8,9 +8,9 @@ import torch
 from conftest import small_config
 
 from muddformer import MuddConfig, MuddForCausalLM, MuddModel
+from muddformer.adapters.hf import CACHE_NAME, MuddHFConfig
 from muddformer.compat import dynamo_recompile_limit, is_cache_object, transformers_cache_name
-from muddformer.hf import CACHE_NAME, MuddHFConfig
-from muddformer.kv_cache import KVCache, StaticKVCache
+from muddformer.inference.kv_cache import KVCache, StaticKVCache
 
 
 def test_cache_name_is_what_both_generation_hooks_use():
@@ -78,7 +78,8 @@ def test_dynamo_recompile_limit_is_raised_inside_the_context():
 
 def test_byte_level_bpe_training_is_unchanged():
     # Token shards made with one tokenizers release must mean the same ids with the next one.
-    from muddformer.data import bundled_plays, train_tokenizer
+    from muddformer.data.corpus import bundled_plays
+    from muddformer.data.tokenizers import train_tokenizer
 
     macbeth = next(p["text"] for p in bundled_plays() if p["name"] == "macbeth")
     tok = train_tokenizer([macbeth], 300)

@@ -6,8 +6,8 @@ from conftest import ALL_CONNECTIONS, FIXTURE_NAMES, build, randomize_connection
 from safetensors.torch import load_file
 
 from muddformer import InputError, MuddForCausalLM
-from muddformer.generation import generate, process_logits
-from muddformer.kv_cache import KVCache, StaticKVCache
+from muddformer.inference.generation import generate, process_logits
+from muddformer.inference.kv_cache import KVCache, StaticKVCache
 
 # The GPT-2 speedrun's additive form (per-aggregation sources, V mix after the projection) at build()'s 3 layers.
 SPEEDRUN_3 = speedrun_options(3)
@@ -58,6 +58,7 @@ def test_cached_greedy_matches_reference_fixture(fixtures_dir, name, kind):
     assert out.tolist() == exp["greedy_ids"].tolist()
 
 
+@pytest.mark.slow
 def test_left_padded_batch_equals_one_by_one():
     model = model_for()
     g = torch.Generator().manual_seed(1)

@@ -9,11 +9,12 @@ from conftest import FIXTURE_NAMES, FIXTURE_TOL, assert_one_line_error, randomiz
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from muddformer import MuddConfig, MuddForCausalLM, MuddModel
-from muddformer.data import bundled_split, export_tokenizer, load_tokenizer
+from muddformer.adapters.hf import CACHE_NAME, MuddHFConfig, MuddPythiaForCausalLM
+from muddformer.data.corpus import bundled_split
+from muddformer.data.tokenizers import export_tokenizer, load_tokenizer
 from muddformer.errors import DependencyError
-from muddformer.eval_tasks import LOCAL_TASK, local_task_items, local_tasks_dir
-from muddformer.generation import generate
-from muddformer.hf import CACHE_NAME, MuddHFConfig, MuddPythiaForCausalLM
+from muddformer.evaluation.harness import LOCAL_TASK, local_task_items, local_tasks_dir
+from muddformer.inference.generation import generate
 from muddformer.model import next_token_loss
 
 
@@ -67,6 +68,7 @@ SAMPLING = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", SAMPLING, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_hf_generate_equals_ours_token_for_token(model_dir, options):
     # A left-padded batch through transformers' GenerationMixin and through our own decoder, with the same
@@ -231,6 +233,7 @@ def choice_loglikelihood(model, tok, context: str, choice: str) -> float:
     return sum(logp[t - 1, whole[t]].item() for t in range(n_ctx, len(whole)))
 
 
+@pytest.mark.slow
 def test_lm_eval_on_the_local_task_equals_our_own_scoring(model_dir, tmp_path, run_cli):
     out = tmp_path / "results.json"
     proc = run_cli("eval", model_dir, "--tasks", LOCAL_TASK, "--limit", 24, "--batch-size", 4, "--output", out)

@@ -9,7 +9,7 @@ from reference_forward import reference_logits
 from safetensors.torch import load_file
 
 from muddformer import MuddForCausalLM
-from muddformer.checkpoints import read_tensors
+from muddformer.adapters.folders import read_tensors
 
 
 def expected(fixtures_dir, name):

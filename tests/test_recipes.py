@@ -7,8 +7,9 @@ from conftest import ALL_CONNECTIONS, assert_one_line_error, build, nano_run
 from muddformer import MuddConfig
 from muddformer.errors import ConfigError
 from muddformer.presets import PRESET_RECIPES, PRESETS
-from muddformer.recipes import RECIPES, get_recipe, gradient_accumulation, param_groups
-from muddformer.train import TrainConfig, lr_at
+from muddformer.training.config import TrainConfig
+from muddformer.training.recipes import RECIPES, get_recipe, gradient_accumulation, param_groups
+from muddformer.training.schedule import lr_at
 
 
 def test_every_preset_names_a_recipe_and_the_paper_values_are_table_2s():
@@ -105,7 +106,7 @@ def test_every_parameter_of_every_connection_is_in_exactly_one_group(connection)
 
 
 def test_generator_learning_rate_multiplier_reaches_the_optimizer(play_data, tmp_path):
-    from muddformer.train import train
+    from muddformer.training.trainer import train
 
     out = tmp_path / "run"
     train(nano_run(play_data, out, generator_lr_mult=0.25))

@@ -10,7 +10,7 @@ from conftest import build
 from safetensors.torch import load_file, save_file
 
 from muddformer import CheckpointError, InputError, MuddForCausalLM
-from muddformer.checkpoints import atomic_path, write_json_atomic
+from muddformer._utils import atomic_path, write_json_atomic
 
 
 def writable_copy(src, dst):
@@ -132,6 +132,7 @@ def test_sequence_too_long_and_bad_shapes():
         model(torch.zeros(1, 5, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_generate_refuses_what_it_cannot_do(fixtures_dir):
     model = MuddForCausalLM.from_pretrained(fixtures_dir / "mf_tiny")
     prompt = torch.tensor([[1, 2, 3]])

@@ -7,10 +7,10 @@ from conftest import RIVAL_CONNECTIONS, build, randomize_connection
 
 from muddformer import ConfigError, MuddConfig, copy_shared_weights, count_parameters
 from muddformer.connections.hyper import sinkhorn
-from muddformer.kv_cache import KVCache, StaticKVCache
+from muddformer.inference.kv_cache import KVCache, StaticKVCache
 from muddformer.layers import AttentionContext
-from muddformer.parallel import apply_activation_checkpointing
-from muddformer.recipes import get_recipe, param_groups
+from muddformer.training.parallel import apply_activation_checkpointing
+from muddformer.training.recipes import get_recipe, param_groups
 
 BLOCKS = ["llama", "pythia"]
 

@@ -5,7 +5,7 @@ import torch
 from conftest import assert_grads_close, build, explicit_dense_forward, loss_and_grads, randomize_connection
 
 from muddformer import MuddConfig, MuddModel, copy_shared_weights
-from muddformer.config import config_to_published
+from muddformer.adapters.published import config_to_published
 from muddformer.errors import ConfigError
 
 # Each selects a different kind of subset; n_layer=4 so that dilation and period leave something out.

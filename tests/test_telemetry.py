@@ -7,7 +7,7 @@ import torch
 from conftest import assert_one_line_error, build, nano_run
 
 from muddformer.telemetry import BLOWUP, SpikeWatch, group_grad_norms, weight_stats
-from muddformer.train import train
+from muddformer.training.trainer import train
 
 
 def test_static_weights_give_their_own_statistics_and_no_spread():

@@ -1,5 +1,6 @@
 """`mudd train`: a short real run, kill -9 and resume, corrupt checkpoints, divergence, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,8 +14,13 @@ from conftest import nano_run
 from safetensors.torch import load_file
 
 from muddformer import MuddConfig, MuddForCausalLM, MuddModel
-from muddformer.recipes import get_recipe, param_groups
-from muddformer.train import TrainConfig, lr_at, train
+from muddformer.data.shards import TokenData
+from muddformer.training.checkpointing import list_checkpoints
+from muddformer.training.config import TrainConfig, model_config, validate
+from muddformer.training.parallel import init_distributed
+from muddformer.training.recipes import get_recipe, param_groups
+from muddformer.training.schedule import lr_at
+from muddformer.training.trainer import Trainer, TrainingDiverged, train
 
 SMALL = [
     "--preset",
@@ -34,7 +40,7 @@ SMALL = [
 
 def run_cli(args, timeout=300, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "muddformer.cli", "train", *args],
+        [sys.executable, "-m", "muddformer", "train", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -53,6 +59,7 @@ def assert_same_weights(a, b):
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.slow
 def test_short_run_writes_a_complete_run_folder(play_data, tmp_path):
     out = tmp_path / "run"
     final = train(
@@ -93,12 +100,13 @@ def test_short_run_writes_a_complete_run_folder(play_data, tmp_path):
     assert torch.isfinite(model(x).logits).all()
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--max-steps", "120", "--save-every", "4", "--eval-every", "60"]
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert run_cli(args + ["--out", str(full)]).returncode == 0
     proc = subprocess.Popen(
-        [sys.executable, "-m", "muddformer.cli", "train", *args, "--out", str(broken)],
+        [sys.executable, "-m", "muddformer", "train", *args, "--out", str(broken)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -118,6 +126,7 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     assert losses(full)[-1] == losses(broken)[-1]
 
 
+@pytest.mark.slow
 def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--save-every", "4", "--eval-every", "100", "--sample-tokens", "0"]
     run = tmp_path / "run"
@@ -130,6 +139,7 @@ def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_pa
     assert refused.returncode == 2 and "different config" in refused.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--save-every", "4", "--eval-every", "100", "--keep-checkpoints", "5"]
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -194,6 +204,7 @@ def test_bad_input_is_one_line_and_writes_nothing(play_data, tmp_path, args, mes
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_config_file_overrides_and_empty_data(play_data, tmp_path):
     cfg = tmp_path / "model.yaml"
     cfg.write_text("n_layer: 3\nconnection: denseformer\n")
@@ -239,6 +250,7 @@ def test_options_train_like_the_plain_loop(play_data, tmp_path, option):
         )
 
 
+@pytest.mark.slow
 def test_compile_with_activation_checkpointing(play_data, tmp_path):
     plain = train(nano_run(play_data, tmp_path / "plain"))
     compiled = train(nano_run(play_data, tmp_path / "compiled", compile=True, activation_checkpointing=True))
@@ -246,6 +258,7 @@ def test_compile_with_activation_checkpointing(play_data, tmp_path):
     assert compiled["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_default_data_is_the_bundled_corpus(tmp_path):
     env = {**os.environ, "MUDD_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
@@ -277,3 +290,31 @@ def test_default_data_is_the_bundled_corpus(tmp_path):
     assert meta["vocab_size"] == 8192 and meta["source"] == "bundled:shakespeare"
     assert meta["splits"]["train"]["tokens"] > 1_000_000 and meta["splits"]["val"]["tokens"] > 50_000
     assert json.loads((out / "run.json").read_text())["data"] == str(prepared)
+
+
+def test_trainer_components_step_by_step_equal_the_loop(play_data, tmp_path):
+    """Setup, train_step, evaluate and save called one by one give what `train` (their loop) gives."""
+    tc = nano_run(play_data, tmp_path / "loop", max_steps=3, eval_every=3, save_every=3)
+    looped = train(tc)
+    tc, recipe = nano_run(play_data, tmp_path / "parts", max_steps=3, eval_every=3, save_every=3).resolved()
+    tc = dataclasses.replace(tc, grad_accum=1)
+    data = TokenData(str(play_data))
+    info = init_distributed("cpu")
+    trainer = Trainer(tc, recipe, model_config(tc), data, validate(tc, model_config(tc), data), info)
+    results = [trainer.train_step(step, logging=True) for step in range(3)]
+    assert results[-1].loss.item() == looped["loss"]
+    assert results[-1].lr == looped["lr"] and results[-1].grad_norm.item() == looped["grad_norm"]
+    assert {k for k in results[0].telemetry if k.startswith("grad_norm/")}, "log steps carry per-group norms"
+    assert trainer.evaluate() == looped["val_loss"]
+    trainer.save(3)
+    assert [step for step, _ in list_checkpoints(tmp_path / "parts" / "checkpoints")] == [3]
+
+
+def test_divergence_is_caught_on_the_next_checked_step_and_never_saved(play_data, tmp_path):
+    """The loss is read on the host only on steps that log, evaluate or save; a divergence between them is
+    caught on the next of those, before its update, and no checkpoint holds it."""
+    out = tmp_path / "run"
+    tc = nano_run(play_data, out, max_steps=30, log_every=5, eval_every=10, save_every=10, lr=1e30, warmup=0.0)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step 5 .*no checkpoint was written yet"):
+        train(dataclasses.replace(tc, grad_clip=1e30))
+    assert not (out / "checkpoints").exists() or not os.listdir(out / "checkpoints")

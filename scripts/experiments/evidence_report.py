@@ -18,7 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from muddformer.compare import compute_multiplier, difference_test, format_multiplier, format_p
+from muddformer.experiments.compare.report import format_multiplier, format_p
+from muddformer.experiments.compare.stats import compute_multiplier, difference_test
 
 
 def load(folder: Path) -> dict | None:

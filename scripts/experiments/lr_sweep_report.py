@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from muddformer.compare import final_val_loss, read_records
+from muddformer.experiments.compare.runs import final_val_loss, read_records
 
 GRID = (1e-3, 2e-3, 4e-3, 8e-3)
 LIMITS = (2.5e-4, 3.2e-2)

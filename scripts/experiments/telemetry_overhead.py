@@ -13,8 +13,8 @@ import torch
 
 from muddformer import MuddConfig, MuddModel
 from muddformer.model import next_token_loss
-from muddformer.recipes import get_recipe, param_groups
 from muddformer.telemetry import group_grad_norms
+from muddformer.training.recipes import get_recipe, param_groups
 
 
 def main() -> None:

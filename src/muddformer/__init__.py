@@ -5,10 +5,10 @@ Importing it registers the model with transformers' AutoConfig / AutoModelForCau
 
 __version__ = "0.1.0"
 
-from .config import MuddConfig  # noqa: E402
-from .errors import CheckpointError, ConfigError, InputError, MuddError  # noqa: E402
-from .hf import MuddForCausalLM, MuddHFConfig  # noqa: E402
-from .model import CausalLMOutput, MuddModel, copy_shared_weights, count_parameters  # noqa: E402
+from muddformer.adapters.hf import MuddForCausalLM, MuddHFConfig  # noqa: E402
+from muddformer.config import MuddConfig  # noqa: E402
+from muddformer.errors import CheckpointError, ConfigError, InputError, MuddError  # noqa: E402
+from muddformer.model import CausalLMOutput, MuddModel, copy_shared_weights, count_parameters  # noqa: E402
 
 __all__ = [
     "MuddConfig",

@@ -13,8 +13,11 @@ import inspect
 from typing import Any
 
 import torch
+from transformers import GenerationMixin
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .errors import DependencyError
+from muddformer.errors import DependencyError
 
 LOCK_HINT = "install the tested versions with `make install` (requirements.lock) or report the new release"
 
@@ -23,8 +26,6 @@ def transformers_cache_name() -> str:
     """The name under which transformers' generation hands the KV cache to `forward` and reads it back
     from the output: `cache` from 5.24 on, `past_key_values` before. Read off the output class and the
     generation hook, which must agree."""
-    from transformers import GenerationMixin
-    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
     params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
@@ -39,8 +40,6 @@ def transformers_cache_name() -> str:
 
 def is_cache_object(value: Any) -> bool:
     """A KV cache of any kind we decode with: a transformers Cache or one of ours (anything with update)."""
-    from transformers.cache_utils import Cache
-
     return isinstance(value, Cache) or (hasattr(value, "update") and hasattr(value, "get_seq_length"))
 
 

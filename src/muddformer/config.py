@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from muddformer.errors import ConfigError
+from muddformer.presets import PRESETS, RENAMED
 
 BLOCKS = ("llama", "pythia")
 CONNECTIONS = ("residual", "mudd", "ddformer", "denseformer", "mudd-static", "hc", "mhc", "attnres", "attnres-block")
@@ -389,8 +389,6 @@ class MuddConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MuddConfig":
-        from .presets import PRESETS, RENAMED
-
         if name in RENAMED:
             raise ConfigError(
                 f"preset {name!r} is now called {RENAMED[name]!r} (same model); the GPT-2 speedrun's own "
@@ -399,24 +397,6 @@ class MuddConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def load(cls, path_or_preset: str | os.PathLike) -> "MuddConfig":
-        """A preset name, a JSON file of fields, or a model folder (ours or published)."""
-        from .checkpoints import read_folder_config
-        from .presets import PRESETS, RENAMED
-
-        path = os.fspath(path_or_preset)
-        if path in PRESETS or path in RENAMED:
-            return cls.from_preset(path)
-        if os.path.isdir(path):
-            return read_folder_config(path)
-        if os.path.isfile(path):
-            with open(path) as f:
-                return cls.from_json(f.read())
-        raise ConfigError(
-            f"{path!r} is neither a preset nor a config file nor a model folder; presets: {', '.join(PRESETS)}"
-        )
 
 
 def _int_list(text: str, name: str) -> list[int]:
@@ -433,134 +413,4 @@ def _allowed_types(hint: Any) -> tuple[type, ...]:
     return tuple(a for a in args) if args else (hint,)
 
 
-# The published config.json fields (architecture §3.1) that describe the computation.
-_PUBLISHED_REQUIRED = ("vocab_size", "n_layer", "n_head", "dim", "block_size")
-
-
-def config_from_published(d: dict[str, Any]) -> MuddConfig:
-    """MuddConfig from a published config.json (model_type "muddformer" or "muddpythia")."""
-    model_type = d.get("model_type")
-    if model_type not in ("muddformer", "muddpythia"):
-        raise ConfigError(
-            f"config.json model_type {model_type!r} is not a MUDD model; expected 'muddformer' or 'muddpythia'"
-        )
-    missing = [k for k in _PUBLISHED_REQUIRED if k not in d]
-    if missing:
-        raise ConfigError(f"published config.json lacks field {missing[0]!r}")
-    pythia = model_type == "muddpythia"
-    if d.get("n_local_heads", d["n_head"]) != d["n_head"]:
-        raise ConfigError(
-            "config.json n_local_heads differs from n_head: grouped-query attention is not part of the MUDD family"
-        )
-    if pythia and not (d.get("use_parallel_residual", True) and d.get("use_linear_bias", True)):
-        raise ConfigError(
-            "muddpythia config.json with use_parallel_residual or use_linear_bias false is not a published layout"
-        )
-    if not d.get("dense", True):
-        connection = "residual"
-    else:
-        if not d.get("dynamic_dense", True):
-            raise ConfigError(
-                "config.json dense=true with dynamic_dense=false has no computation in the reference code; "
-                "set dynamic_dense=true"
-            )
-        if d.get("sepln", True) is False and d.get("dense_type", "qkvr") == "qkvr":
-            raise ConfigError(
-                "config.json sepln=false with dense_type 'qkvr' is broken in the reference code; set sepln=true"
-            )
-        dense_type = d.get("dense_type", "qkvr")
-        if dense_type not in ("qkvr", "l"):
-            raise ConfigError(f"config.json dense_type {dense_type!r} is unknown; expected 'qkvr' or 'l'")
-        connection = "mudd" if dense_type == "qkvr" else "ddformer"
-    return MuddConfig(
-        vocab_size=d["vocab_size"],
-        n_layer=d["n_layer"],
-        dim=d["dim"],
-        n_head=d["n_head"],
-        intermediate_size=d.get("intermediate_size"),
-        block_size=d["block_size"],
-        norm_eps=d.get("norm_eps", 1e-5 if pythia else 1e-6),
-        rope_base=float(d.get("rope_base", 10000)),
-        block="pythia" if pythia else "llama",
-        connection=connection,
-        rotary_pct=float(d.get("rotary_pct", 0.25)) if pythia else 1.0,
-        use_qk_norm=bool(d.get("use_qk_norm", False)),
-        ffn_schedule="linear",
-        dense_round64=bool(d.get("round64", False)),
-        dense_expand_last=bool(d.get("expand_last", False)),
-        rope_table_dtype="float16" if pythia else "bfloat16",
-        attn_impl="reference",
-        mix_impl="reference",
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
-    )
-
-
-def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-    """The published config.json for a model the reference code can compute (architecture §3.1)."""
-    problems = []
-    if cfg.connection != "mudd":
-        problems.append(f"connection={cfg.connection!r} (the published layout holds 'mudd' models)")
-    if cfg.ffn_schedule != "linear":
-        problems.append("ffn_schedule='constant' (the reference always uses the linear width schedule)")
-    if cfg.is_sparse:
-        problems.append("sparse dense_* options (the reference connects every layer to every state)")
-    if cfg.dense_norm != "none":
-        problems.append(f"dense_norm={cfg.dense_norm!r} (the reference has no PrePostDANorm)")
-    if (cfg.dense_cap, cfg.dense_gen_scale) != (0.0, 1.0):
-        problems.append("dense_cap / dense_gen_scale (the reference uses the raw generator output)")
-    if cfg.dense_mix != "replace" or not cfg.dense_gen_norm:  # (the other additive options need dense_mix='add')
-        problems.append(
-            "dense_mix='add' or dense_gen_norm=False (the reference replaces the inputs and normalises "
-            "the generator's input)"
-        )
-    if cfg.block == "llama" and cfg.rotary_pct != 1.0:
-        problems.append("partial rotary on the llama block (the reference rotates the full head)")
-    if cfg.tie_word_embeddings:
-        problems.append("tie_word_embeddings=True (the reference has an untied head)")
-    if problems:
-        raise ConfigError("cannot write the published format: " + "; ".join(problems))
-    pythia = cfg.block == "pythia"
-    name = "MUDDPythia" if pythia else "MUDDFormer"
-    module = name.lower()
-    out: dict[str, Any] = {
-        "architectures": [name],
-        "auto_map": {
-            "AutoConfig": f"configuration_{module}.{name}Config",
-            "AutoModelForCausalLM": f"modeling_{module}.{name}",
-        },
-        "block_size": cfg.block_size,
-        "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else (0 if pythia else 1),
-        "dense": True,
-        "dense_type": "qkvr",
-        "dim": cfg.dim,
-        "dynamic_dense": True,
-        "eos_token_id": cfg.eos_token_id if cfg.eos_token_id is not None else (0 if pythia else 2),
-        "expand_last": cfg.dense_expand_last,
-        "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.intermediate_size,
-        "is_training": False,
-        "model_type": module,
-        "n_head": cfg.n_head,
-        "n_layer": cfg.n_layer,
-        "n_local_heads": cfg.n_head,
-        "norm_eps": cfg.norm_eps,
-        "rope_base": int(cfg.rope_base) if float(cfg.rope_base).is_integer() else cfg.rope_base,
-        "round64": cfg.dense_round64,
-        "sepln": True,
-        "stack_hidden": False,
-        "tie_word_embeddings": False,
-        "torch_dtype": torch_dtype,
-        "transformers_version": "4.35.0",
-        "use_gradient_checkpointing": False,
-        "use_layer_cache": True,
-        "use_qk_norm": cfg.use_qk_norm,
-        "vocab_size": cfg.vocab_size,
-    }
-    if pythia:
-        out.update(rotary_pct=cfg.rotary_pct, use_linear_bias=True, use_parallel_residual=True)
-    return dict(sorted(out.items()))
-
-
-__all__ = ["MuddConfig", "config_from_published", "config_to_published", "find_multiple", "BLOCKS", "CONNECTIONS"]
+__all__ = ["MuddConfig", "find_multiple", "BLOCKS", "CONNECTIONS"]

@@ -19,3 +19,7 @@ class InputError(MuddError):
 
 class DependencyError(MuddError):
     """An installed dependency whose API differs from every version muddformer knows how to speak."""
+
+
+class DataError(MuddError):
+    """Missing, empty or inconsistent data."""

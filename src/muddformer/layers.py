@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MuddConfig
+from muddformer.config import MuddConfig
 
 TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,12 +77,14 @@ class AttentionContext:
     rope: cos/sin at each query's position, (B or 1, T, rotary_dim/2, 2).
     mask: bool (B or 1, 1, T, S), True where a query may attend to a key; None means plain causal
         attention over the T tokens themselves (training, full forward).
-    cache: a KV cache with `update(k, v, layer_idx) -> (all_k, all_v)` (ours or a transformers Cache).
+    cache: a KV cache with `update(k, v, layer_idx, cache_kwargs) -> (all_k, all_v)` (ours or a transformers
+        Cache); cache_kwargs carries `cache_position`, the cache slots (T,) of these tokens.
     """
 
     rope: torch.Tensor
     mask: torch.Tensor | None = None
     cache: Any = None
+    cache_position: torch.Tensor | None = None
 
 
 def reference_attention(
@@ -148,7 +150,7 @@ class Attention(nn.Module):
         v = self.wv(xv) if value_add is None else self.wv(xv) + value_add
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if ctx.cache is not None:
-            k, v = ctx.cache.update(k, v, self.layer_idx)
+            k, v = ctx.cache.update(k, v, self.layer_idx, {"cache_position": ctx.cache_position})
         if self.attn_impl == "reference":
             out = reference_attention(q, k, v, self.softmax_float32, ctx.mask)
         else:

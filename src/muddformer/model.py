@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MuddConfig
-from .connections import build_connection
-from .errors import InputError
-from .layers import AttentionContext, Block, RMSNorm, make_norm, rotary_table
+from muddformer.config import MuddConfig
+from muddformer.connections import build_connection
+from muddformer.errors import InputError
+from muddformer.layers import AttentionContext, Block, RMSNorm, make_norm, rotary_table
 
 
 @dataclass
@@ -128,8 +128,6 @@ class MuddModel(nn.Module):
         else:
             past = 0
         self.check_inputs(input_ids, past)
-        if cache is not None and hasattr(cache, "position"):
-            cache.position = cache_position  # a StaticKVCache writes at these slots
         ctx = self.attention_context(input_ids, attention_mask, position_ids, cache, cache_position)
         conn = self.connection
         state = conn.begin(self.tok_embeddings(input_ids))
@@ -137,8 +135,6 @@ class MuddModel(nn.Module):
             conn.run_block(state, layer, block, ctx)
         logits = self.output(self.norm(conn.output(state)))
         loss = None if labels is None else causal_lm_loss(logits, labels)
-        if hasattr(cache, "length") and not torch.compiler.is_compiling():
-            cache.length = past + input_ids.shape[1]
         return CausalLMOutput(logits=logits, loss=loss)
 
     def attention_context(
@@ -171,7 +167,7 @@ class MuddModel(nn.Module):
             mask = mask[:, None]
         else:
             mask = mask[None, None]
-        return AttentionContext(rope=self.rope[position_ids], mask=mask, cache=cache)
+        return AttentionContext(rope=self.rope[position_ids], mask=mask, cache=cache, cache_position=cache_position)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -229,3 +225,22 @@ def _single_norm_name(name: str) -> str:
     if len(parts) == 5 and parts[2] == "attention_norms":
         return ".".join(parts[:2] + ["attention_norm", parts[4]])
     return name
+
+
+def build_meta(cfg: MuddConfig) -> MuddModel:
+    """The model on the meta device: shapes and counts without allocating weights."""
+    with torch.device("meta"):
+        return MuddModel(cfg)
+
+
+def parameter_breakdown(cfg: MuddConfig) -> dict:
+    model = build_meta(cfg)
+    counts = count_parameters(model)
+    blocks = sum(p.numel() for p in model.layers.parameters())
+    counts.update(
+        embedding=model.tok_embeddings.weight.numel(),
+        head=0 if cfg.tie_word_embeddings else model.output.weight.numel(),
+        blocks=blocks,
+        non_embedding=counts["total"] - model.tok_embeddings.weight.numel(),
+    )
+    return counts

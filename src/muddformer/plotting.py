@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoints import atomic_path
+from muddformer._utils import atomic_path
 
 
 def pyplot():

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from ..config import CONNECTIONS, DENSE_FAMILY, MuddConfig
-from .attn_residual import AttentionResidualConnection, BlockAttentionResidualConnection
-from .base import Connection, DepthState
-from .dense import DDFormerConnection, DenseConnection, DenseFormerConnection, MuddConnection, StaticMultiwayConnection
-from .hyper import HyperConnection, ManifoldHyperConnection
-from .residual import ResidualConnection
+from muddformer.config import CONNECTIONS, DENSE_FAMILY, MuddConfig
+from muddformer.connections.attn_residual import AttentionResidualConnection, BlockAttentionResidualConnection
+from muddformer.connections.base import Connection
+from muddformer.connections.dense import (
+    DDFormerConnection,
+    DenseConnection,
+    DenseFormerConnection,
+    MuddConnection,
+    StaticMultiwayConnection,
+)
+from muddformer.connections.hyper import HyperConnection, ManifoldHyperConnection
+from muddformer.connections.residual import ResidualConnection
 
 REGISTRY: dict[str, type[Connection]] = {
     "residual": ResidualConnection,
@@ -32,7 +38,6 @@ def build_connection(cfg: MuddConfig) -> Connection:
 
 __all__ = [
     "Connection",
-    "DepthState",
     "DenseConnection",
     "REGISTRY",
     "build_connection",

@@ -17,14 +17,25 @@ every sub-layer is its own group. Every weight is per token, so decoding keeps o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ..config import MuddConfig
-from ..layers import RMSNorm
-from .base import Connection, DepthState
+from muddformer.config import MuddConfig
+from muddformer.connections.base import Connection
+from muddformer.layers import RMSNorm
 
 Sources = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class AttnResState:
+    """The completed sources (the embedding first, then each closed group's sum) and the open group's
+    partial sum (None before the group's first sub-layer)."""
+
+    completed: list[torch.Tensor]
+    partial: torch.Tensor | None = None
 
 
 class AttentionResidualConnection(Connection):
@@ -60,13 +71,12 @@ class AttentionResidualConnection(Connection):
             for norm in self.key_norms:
                 norm.weight.fill_(1.0)
 
-    def begin(self, x0: torch.Tensor) -> DepthState:
-        # states: the completed sources (embedding first); inputs: the open group's partial sum or None.
-        return DepthState(inputs=None, states=[x0])
+    def begin(self, x0: torch.Tensor) -> AttnResState:
+        return AttnResState(completed=[x0])
 
-    def run_block(self, state: DepthState, layer: int, block: nn.Module, ctx) -> None:
-        completed, state.inputs = block((tuple(state.states), state.inputs), ctx, around=self)
-        state.states = list(completed)
+    def run_block(self, state: AttnResState, layer: int, block: nn.Module, ctx) -> None:
+        completed, state.partial = block((tuple(state.completed), state.partial), ctx, around=self)
+        state.completed = list(completed)
 
     def through_block(
         self, block: nn.Module, sources: tuple[Sources, torch.Tensor | None], ctx
@@ -91,8 +101,8 @@ class AttentionResidualConnection(Connection):
         sources = completed if partial is None else (*completed, partial)
         return completed, partial, sources[0] if site == 0 else self.mix(site - 1, sources)
 
-    def output(self, state: DepthState) -> torch.Tensor:
-        sources = tuple(state.states) if state.inputs is None else (*state.states, state.inputs)
+    def output(self, state: AttnResState) -> torch.Tensor:
+        sources = tuple(state.completed) if state.partial is None else (*state.completed, state.partial)
         return self.mix(len(self.queries) - 1, sources)
 
     def mix(self, index: int, sources: Sources) -> torch.Tensor:

@@ -2,34 +2,25 @@
 
 A connection decides what each block reads. The body loop is the same for all of them:
 
-    state = conn.begin(embedding)
+    state = conn.begin(embedding)       # the connection's own state type
     for layer, block in enumerate(blocks):
-        # = conn.advance(state, layer, block(conn.block_input(state, layer), ctx))
         conn.run_block(state, layer, block, ctx)
     final = conn.output(state)
 
-Blocks never know which connection fed them; a new variant is one new class.
+Each connection module defines the state it keeps while the body runs (ResidualState, DenseState,
+HyperState, AttnResState), with names that say what they hold. Blocks never know which connection fed
+them; a new variant is one new class.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import MuddConfig
-from ..layers import BlockInput
-
-
-@dataclass
-class DepthState:
-    """What a connection keeps while the body runs: stored states and the next block's input."""
-
-    inputs: BlockInput
-    states: list[torch.Tensor] = field(default_factory=list)
-    buffer: Any = None  # a kernels.DepthBuffer holding `states`, when the connection uses one
+from muddformer.config import MuddConfig
+from muddformer.telemetry import weight_stats
 
 
 class Connection(nn.Module):
@@ -48,8 +39,6 @@ class Connection(nn.Module):
     def record_weights(self, layer: int, weights: torch.Tensor) -> None:
         """Add the statistics of the weights (B, T, C, n) after block `layer` to `telemetry` when it is collecting."""
         if not torch.compiler.is_compiling() and self.telemetry is not None:
-            from ..telemetry import weight_stats
-
             self.telemetry.update(weight_stats(layer, self.stream_names(layer), weights))
 
     def stream_names(self, layer: int) -> str:
@@ -60,23 +49,17 @@ class Connection(nn.Module):
         """True when block `layer` reads four streams (q, k, v, r) and needs three pre-norms."""
         return False
 
-    def begin(self, x0: torch.Tensor) -> DepthState:
-        return DepthState(inputs=x0)
-
-    def block_input(self, state: DepthState, layer: int) -> BlockInput:
-        return state.inputs
-
-    def advance(self, state: DepthState, layer: int, out: torch.Tensor) -> None:
+    def begin(self, x0: torch.Tensor) -> Any:
+        """The state before block 0, from the embedding x0 (B, T, D)."""
         raise NotImplementedError
 
-    def run_block(self, state: DepthState, layer: int, block: nn.Module, ctx) -> None:
-        """Run block `layer` on its input and advance the state. Connections that act inside a block
-        (between its attention and feed-forward parts) or recompute inputs override this."""
-        self.advance(state, layer, block(self.block_input(state, layer), ctx))
+    def run_block(self, state: Any, layer: int, block: nn.Module, ctx) -> None:
+        """Run block `layer` on the input the state gives it and advance the state."""
+        raise NotImplementedError
 
-    def output(self, state: DepthState) -> torch.Tensor:
-        out = state.inputs
-        return out[-1] if isinstance(out, tuple) else out
+    def output(self, state: Any) -> torch.Tensor:
+        """The final state (B, T, D) that the output norm and head read."""
+        raise NotImplementedError
 
     def reset_parameters(self) -> None:
         """Initialise the connection's own parameters; each class documents how close that starts to a

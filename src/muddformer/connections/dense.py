@@ -14,17 +14,17 @@ computes exactly what a residual model computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import MuddConfig
-from ..kernels.depth_mix import UNBUFFERED, DepthBuffer, depth_mix_buffered
-from ..layers import BlockInput, RMSNorm, ValueAdded, residual_input, rms_norm_no_scale
-from .base import Connection, DepthState
+from muddformer.config import MuddConfig
+from muddformer.connections.base import Connection
+from muddformer.kernels.depth_mix import UNBUFFERED, DepthBuffer, depth_mix_buffered
+from muddformer.layers import BlockInput, RMSNorm, ValueAdded, residual_input, rms_norm_no_scale
 
 
 def generator_width(n_streams: int, n_states: int, last: bool, expand_last: bool, round64: bool) -> int:
@@ -194,16 +194,22 @@ class DenseConnection(Connection):
         # and "compiled" compiles that formula on its own.
         return self.mix_impl not in UNBUFFERED and not torch.compiler.is_compiling()
 
-    def begin(self, x0: torch.Tensor) -> DepthState:
-        state = DepthState(inputs=x0)
-        if self.uses_buffer():
-            state.buffer = DepthBuffer(x0, self.n_layer + 1)
+    def begin(self, x0: torch.Tensor) -> DenseState:
+        state = DenseState(next_input=x0, buffer=DepthBuffer(x0, self.n_layer + 1) if self.uses_buffer() else None)
         self.store(state, self.pre_norms[0](x0) if self.prepost else x0)
         return state
 
-    def store(self, state: DepthState, x: torch.Tensor) -> torch.Tensor:
-        state.states.append(state.buffer.store(x) if state.buffer is not None else x)
-        return state.states[-1]
+    def store(self, state: DenseState, x: torch.Tensor) -> torch.Tensor:
+        state.stored.append(state.buffer.store(x) if state.buffer is not None else x)
+        return state.stored[-1]
+
+    def block_input(self, state: DenseState, layer: int) -> BlockInput:
+        assert not isinstance(state.next_input, _Pending), "a recomputed input exists only inside run_block"
+        return state.next_input
+
+    def output(self, state: DenseState) -> torch.Tensor:
+        out = state.next_input
+        return out[-1] if isinstance(out, tuple) else out
 
     def dense_weights(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """Weights (B, T, C, n) over `plan[layer].sources` after block `layer`; static ones are (1, 1, C, n)."""
@@ -229,16 +235,16 @@ class DenseConnection(Connection):
             return "r"
         return "".join("qkvr"[c] for c in self.plan[layer].streams)
 
-    def advance(self, state: DepthState, layer: int, out: torch.Tensor) -> None:
+    def advance(self, state: DenseState, layer: int, out: torch.Tensor) -> None:
         stored = self.store(state, self.pre_norms[layer + 1](out) if self.prepost else out)
         # The generator reads the stored slot rather than `out`, so `out` is not kept for backward.
         gen_input = out if self.prepost else stored
         if self.plan[layer] is None:  # a sparse model skips this aggregation: a plain residual step
-            state.inputs = gen_input
+            state.next_input = gen_input
         elif self.recompute and layer < self.n_layer - 1 and torch.is_grad_enabled():
-            state.inputs = _Pending(layer, gen_input, len(state.states))  # made inside the next block
+            state.next_input = _Pending(layer, gen_input, len(state.stored))  # made inside the next block
         else:
-            state.inputs = self.next_inputs(state.buffer, state.states, layer, gen_input)
+            state.next_input = self.next_inputs(state.buffer, state.stored, layer, gen_input)
 
     def next_inputs(
         self, buffer: DepthBuffer | None, states: list[torch.Tensor], layer: int, gen_input: torch.Tensor
@@ -269,12 +275,13 @@ class DenseConnection(Connection):
             streams = [by_position.get(c, gen_input) for c in range(n_out)]
         return tuple(streams) if n_out == 4 else streams[0]
 
-    def run_block(self, state: DepthState, layer: int, block: nn.Module, ctx) -> None:
-        if isinstance(state.inputs, _Pending):
+    def run_block(self, state: DenseState, layer: int, block: nn.Module, ctx) -> None:
+        pending = state.next_input
+        if isinstance(pending, _Pending):
             # Inside the block call, so that activation checkpointing of the block covers it too.
-            out = block((state.buffer, state.states[: state.inputs.n_states], state.inputs), ctx, around=self)
+            out = block((state.buffer, state.stored[: pending.n_states], pending), ctx, around=self)
         else:
-            out = block(state.inputs, ctx)
+            out = block(pending, ctx)
         self.advance(state, layer, out)
 
     def through_block(self, block: nn.Module, pending: tuple, ctx) -> torch.Tensor:
@@ -322,3 +329,19 @@ class StaticMultiwayConnection(DenseConnection):
     """Static multiway: MUDD's four streams with static weights only (paper Table 5)."""
 
     n_streams, dynamic = 4, False
+
+
+@dataclass
+class DenseState:
+    """What the dense family keeps while the body runs.
+
+    stored: the states the aggregations mix: the embedding, then each block's output (PrePostDANorm:
+        their pre-norms);
+    buffer: the DepthBuffer that holds `stored` contiguously, when the mix uses one;
+    next_input: the next block's input: one tensor, the four streams (q, k, v, r) or a ValueAdded; or a
+        _Pending when it is recomputed inside the next block.
+    """
+
+    next_input: BlockInput | _Pending
+    stored: list[torch.Tensor] = field(default_factory=list)
+    buffer: DepthBuffer | None = None

@@ -14,13 +14,22 @@ exact. Every weight is per token, so decoding keeps only the KV cache.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import MuddConfig
-from ..layers import make_norm
-from .base import Connection, DepthState
+from muddformer.config import MuddConfig
+from muddformer.connections.base import Connection
+from muddformer.layers import make_norm
+
+
+@dataclass
+class HyperState:
+    """The n residual streams H (B, T, n, D); all equal to the embedding before block 0."""
+
+    streams: torch.Tensor
+
 
 HC_DYNAMIC_SCALE = 0.01  # HC paper: the learnable scales s_alpha, s_beta start at 0.01
 MHC_GATE_SCALE = 0.01  # mHC: small start of the learnable scales alpha_pre, alpha_post, alpha_res
@@ -48,18 +57,18 @@ class HyperConnectionBase(Connection):
             for site in layer.sites:
                 site.reset_parameters()
 
-    def begin(self, x0: torch.Tensor) -> DepthState:
-        return DepthState(inputs=x0.unsqueeze(-2).expand(*x0.shape[:-1], self.n_streams, x0.shape[-1]))
+    def begin(self, x0: torch.Tensor) -> HyperState:
+        return HyperState(x0.unsqueeze(-2).expand(*x0.shape[:-1], self.n_streams, x0.shape[-1]))
 
-    def run_block(self, state: DepthState, layer: int, block: nn.Module, ctx) -> None:
+    def run_block(self, state: HyperState, layer: int, block: nn.Module, ctx) -> None:
         # The block's sites ride along as a module argument: every layer then runs the same code, so a
         # per-block compile builds one graph for all of them.
-        state.inputs = block(state.inputs, ctx, around=self.layers[layer])
+        state.streams = block(state.streams, ctx, around=self.layers[layer])
 
-    def output(self, state: DepthState) -> torch.Tensor:
+    def output(self, state: HyperState) -> torch.Tensor:
         # The streams' mean, written as H_0 + mean(H_i - H_0): while the streams are equal (a fresh HC)
         # that is H_0 bitwise for any n, where a plain mean of n equal values can round.
-        H = state.inputs
+        H = state.streams
         first = H[..., 0, :]
         return first + (H - first[..., None, :]).mean(-2)
 

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from .base import Connection, DepthState
+import torch
+from torch import nn
+
+from muddformer.connections.base import Connection
+
+
+@dataclass
+class ResidualState:
+    """The residual stream: the embedding before block 0, then the latest block's output."""
+
+    stream: torch.Tensor
 
 
 class ResidualConnection(Connection):
-    def advance(self, state: DepthState, layer: int, out: torch.Tensor) -> None:
-        state.inputs = out
+    def begin(self, x0: torch.Tensor) -> ResidualState:
+        return ResidualState(x0)
+
+    def block_input(self, state: ResidualState, layer: int) -> torch.Tensor:
+        return state.stream
+
+    def advance(self, state: ResidualState, layer: int, out: torch.Tensor) -> None:
+        state.stream = out
+
+    def run_block(self, state: ResidualState, layer: int, block: nn.Module, ctx) -> None:
+        self.advance(state, layer, block(self.block_input(state, layer), ctx))
+
+    def output(self, state: ResidualState) -> torch.Tensor:
+        return state.stream

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..compat import dynamo_recompile_limit
-from ..config import MIX_IMPLS as IMPLS
+from muddformer.compat import dynamo_recompile_limit
+from muddformer.config import MIX_IMPLS as IMPLS
 
 
 def _check(n_states: int, weights: torch.Tensor) -> None:
@@ -102,7 +102,7 @@ class _Store(torch.autograd.Function):
 def _use_triton(impl: str, x: torch.Tensor) -> bool:
     if impl not in ("auto", "triton") or (impl == "auto" and x.device.type != "cuda"):
         return False
-    from .depth_mix_triton import triton_available
+    from muddformer.kernels.depth_mix_triton import triton_available
 
     if impl == "triton":
         if not triton_available(x.device):
@@ -116,7 +116,7 @@ def _use_triton(impl: str, x: torch.Tensor) -> bool:
 
 def _forward(w: torch.Tensor, X: torch.Tensor, triton: bool) -> torch.Tensor:
     if triton:
-        from .depth_mix_triton import mix_forward
+        from muddformer.kernels.depth_mix_triton import mix_forward
 
         B, T, n, D = X.shape
         w = w.expand(B, T, *w.shape[2:])
@@ -131,7 +131,7 @@ def _flat_tokens(X: torch.Tensor) -> torch.Tensor:
 
 def _backward(w: torch.Tensor, X: torch.Tensor, g: torch.Tensor, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if triton:
-        from .depth_mix_triton import mix_backward
+        from muddformer.kernels.depth_mix_triton import mix_backward
 
         B, T, n, D = X.shape
         full = w.expand(B, T, *w.shape[2:])

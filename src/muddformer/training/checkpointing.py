@@ -1,0 +1,162 @@
+"""Training checkpoints: `checkpoints/step_NNNNNN/` folders written atomically, pruned, resumed.
+
+Each folder is a model folder that `MuddForCausalLM.from_pretrained` loads (config.json,
+model.safetensors, tokenizer.json) plus `optimizer.pt` and `trainer_state.json` (step, RNG states,
+data position). Weights and optimizer state are gathered as full (unsharded) tensors, so a
+checkpoint written under FSDP2 loads in a single process and the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from muddformer._utils import atomic_dir, write_json_atomic
+from muddformer.adapters.folders import CONFIG_NAME, our_config_json, read_folder_config, read_tensors, save_tensors
+from muddformer.config import MuddConfig
+from muddformer.data.tokenizers import export_tokenizer
+from muddformer.errors import CheckpointError
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.pt"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every finished checkpoint, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), root / name) for name in os.listdir(root) if (m := STEP_RE.match(name))]
+    return sorted(found)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on the CPU (collective under FSDP2; rank 0 gets the data)."""
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    core_config: MuddConfig,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    tokenizer_path: Path | None,
+    is_main: bool,
+    keep: int,
+) -> Path | None:
+    """Write checkpoint `step` atomically (rank 0 writes; every rank must call) and keep the newest `keep`."""
+    model_sd, optim_sd = full_state(model, optimizer)
+    final = step_dir(root, step)
+    if is_main:
+        with atomic_dir(final) as tmp_name:
+            tmp = Path(tmp_name)
+            tensors = {
+                k: v for k, v in model_sd.items() if not (core_config.tie_word_embeddings and k == "output.weight")
+            }
+            save_tensors(tensors, str(tmp))
+            dtype = next(iter(tensors.values())).dtype
+            write_json_atomic(str(tmp / CONFIG_NAME), our_config_json(core_config, dtype))
+            if tokenizer_path is not None and tokenizer_path.is_file():
+                export_tokenizer(tokenizer_path, tmp, core_config.block_size)
+            torch.save({"optimizer": optim_sd, "rng": rng_state()}, tmp / OPTIMIZER_NAME)
+            (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
+        for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final if is_main else None
+
+
+@dataclass
+class Resumed:
+    step: int
+    state: dict
+    folder: Path
+
+
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, core_config: MuddConfig
+) -> Resumed:
+    """Load one checkpoint into model and optimizer; CheckpointError if it is unreadable or does not fit."""
+
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+        saved_cfg = read_folder_config(str(folder))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {folder} is incomplete or corrupt ({e})") from None
+    if saved_cfg.architecture() != core_config.architecture():  # the execution fields may change on resume
+        raise CheckpointError(
+            f"checkpoint {folder} holds a model with a different config; "
+            "use another --out for a new run, or the same options to resume"
+        )
+    tensors = read_tensors(str(folder))
+    if core_config.tie_word_embeddings:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+    try:
+        extra = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a truncated or garbled pickle
+        raise CheckpointError(f"optimizer state {folder / OPTIMIZER_NAME} is truncated or corrupt ({e})") from None
+    expected = set(tensors)
+    model_keys = set(get_model_state_dict(model))
+    if expected != model_keys:
+        missing = sorted(model_keys - expected)
+        raise CheckpointError(f"checkpoint {folder} does not fit the model (first missing: {missing[:1]})")
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=tensors,
+        optim_state_dict=extra["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
+    set_rng_state(extra["rng"])
+    return Resumed(step=int(state["step"]), state=state, folder=folder)
+
+
+def resume_latest(
+    root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, core_config: MuddConfig, report
+) -> Resumed | None:
+    """Load the newest checkpoint that reads cleanly; report each broken one and fall back to the previous."""
+    for step, folder in reversed(list_checkpoints(root)):
+        try:
+            return load_checkpoint(folder, model, optimizer, core_config)
+        except CheckpointError as e:
+            if "different config" in str(e):
+                raise
+            report(f"checkpoint step {step} is unusable: {e}; trying the previous one")
+    return None

@@ -1,0 +1,152 @@
+"""What a training run is: TrainConfig (every `mudd train` option), the model config it builds, their checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from muddformer.config import CONNECTIONS, MuddConfig
+from muddformer.data.shards import TokenData
+from muddformer.errors import ConfigError, DataError
+from muddformer.options import PARALLELISMS, PRECISIONS, SCHEDULES, option
+from muddformer.presets import PRESET_RECIPES
+from muddformer.training.recipes import (
+    OVERRIDABLE,
+    Recipe,
+    get_recipe,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; each field is a `mudd train` flag (muddformer.options)."""
+
+    preset: str = option("tiny", help="model preset (see `mudd presets`; default tiny)")
+    config: str | None = option(None, help="YAML or JSON file of MuddConfig fields overriding the preset")
+    set: list[str] = option(factory=list, metavar="FIELD=VALUE", help="override one MuddConfig field (repeatable)")
+    connection: str | None = option(None, choices=CONNECTIONS, help="override the preset's connection")
+    data: str | None = option(
+        None, help="prepared data folder (`mudd prepare`); default: the bundled Shakespeare corpus"
+    )
+    out: str | None = option(None, help="run folder (default runs/PRESET-CONNECTION); re-running resumes from it")
+    max_steps: int = option(450)
+    grad_accum: int | None = option(
+        None, help="micro-batches per optimizer step (default: those that make the recipe's --global-batch, else 1)"
+    )
+    # How it trains: the recipe (default: the preset's) and overrides of its fields (None: the recipe's).
+    recipe: str | None = option(None, help="training recipe (default: the preset's, e.g. cpu, paper-405m)")
+    batch_size: int | None = option(None, help="sequences per rank per micro-batch")
+    global_batch: int | None = option(None, help="sequences per optimizer step over all ranks (sets --grad-accum)")
+    seq_len: int | None = option(None, help="tokens per sequence (recipe default: min(256, block_size))")
+    lr: float | None = option(None, help="peak learning rate")
+    warmup: float | None = option(None, help="linear warm-up as a share of --max-steps")
+    schedule: str | None = option(None, choices=SCHEDULES, help="decay after warm-up")
+    min_lr_ratio: float | None = option(None, help="final learning rate / peak")
+    beta1: float | None = option(None)
+    beta2: float | None = option(None)
+    eps: float | None = option(None, help="AdamW epsilon")
+    weight_decay: float | None = option(None, help="on matrices (norms, biases and static priors never)")
+    grad_clip: float | None = option(None, help="global gradient-norm clip (0: off)")
+    dtype: str | None = option(
+        None, choices=PRECISIONS, help="compute dtype (bfloat16: autocast / FSDP mixed precision)"
+    )
+    generator_lr_mult: float | None = option(
+        None,
+        help="learning-rate multiplier of the connection's own parameters (MUDD's weight generators, ...)",
+    )
+    generator_beta1: float | None = option(None, help="their AdamW beta1 (default: --beta1)")
+    generator_beta2: float | None = option(None, help="their AdamW beta2 (default: --beta2)")
+    generator_weight_decay: float | None = option(None, help="their weight decay on matrices (default: --weight-decay)")
+    prior_lr_mult: float | None = option(
+        None, help="learning-rate multiplier of the static priors (MUDD's dense_bs, ...)"
+    )
+    eval_every: int = option(50)
+    eval_windows: int = option(64, help="validation sequences per evaluation")
+    save_every: int = option(50)
+    keep_checkpoints: int = option(3, help="newest checkpoints kept (default 3)")
+    log_every: int = option(10)
+    seed: int = option(0)
+    compile: bool = option(False, help="torch.compile the model")
+    activation_checkpointing: bool = option(False, help="recompute block activations in backward")
+    parallel: str = option("none", choices=PARALLELISMS, help="data parallelism under torchrun")
+    device: str = option("auto", help="auto, cpu or cuda")
+    sample_tokens: int = option(200, help="tokens of text sampled at the end (0: none)")
+    sample_prompt: str = option("ROMEO:\n")
+    tensorboard: bool = option(True, help="write no TensorBoard events")
+    progress: bool = option(True, help="no progress bar")
+    telemetry: bool = option(True, help="log no dense-weight statistics or per-group gradient norms")
+
+    def resolved(self) -> tuple["TrainConfig", Recipe]:
+        """The recipe with this config's overrides, and this config with every recipe field filled in."""
+        base = get_recipe(self.recipe or PRESET_RECIPES.get(self.preset, "cpu"))
+        recipe = base.replace(**{k: getattr(self, k) for k in OVERRIDABLE if getattr(self, k) is not None})
+        return dataclasses.replace(self, recipe=recipe.name, **{k: getattr(recipe, k) for k in OVERRIDABLE}), recipe
+
+
+def read_overrides(path: str) -> dict:
+    """MuddConfig fields from a YAML or JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise ConfigError(f"cannot parse config file {path} ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of MuddConfig fields")
+    return data
+
+
+def parse_set_item(item: str) -> tuple[str, object]:
+    """One `key=value` override; the value is read as JSON where it parses (numbers, true/false), else a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def parse_set(items: list[str]) -> dict:
+    """`key=value` overrides (parse_set_item), later ones winning."""
+    return dict(parse_set_item(item) for item in items)
+
+
+def model_config(tc: TrainConfig) -> MuddConfig:
+    overrides = read_overrides(tc.config) if tc.config else {}
+    overrides.update(parse_set(tc.set))
+    if tc.connection:
+        overrides["connection"] = tc.connection
+    return MuddConfig.from_preset(tc.preset, **overrides)
+
+
+def validate(tc: TrainConfig, cfg: MuddConfig, data: TokenData) -> int:
+    """Check options against the model and data before anything is written; returns seq_len."""
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_windows"):
+        if getattr(tc, name) is not None and getattr(tc, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(tc, name)}")
+    if tc.parallel not in PARALLELISMS:
+        raise ConfigError(f"--parallel {tc.parallel!r} is unknown; choose none, ddp or fsdp")
+    seq_len = tc.seq_len or min(256, cfg.block_size)
+    if seq_len > cfg.block_size:
+        raise ConfigError(
+            f"--seq-len {seq_len} exceeds the model's context block_size={cfg.block_size}; "
+            f"lower --seq-len or raise block_size (--set block_size={seq_len})"
+        )
+    if data.vocab_size > cfg.vocab_size:
+        raise DataError(
+            f"the data was tokenised with a {data.vocab_size}-token vocabulary but the model has vocab_size="
+            f"{cfg.vocab_size}; use --set vocab_size={data.vocab_size} or prepare the data with a smaller tokenizer"
+        )
+    data.split("train", seq_len)
+    data.split("val", seq_len)
+    return seq_len

@@ -1,0 +1,121 @@
+"""What a run records: FLOPs and MFU, metrics.jsonl / TensorBoard (RunLog), the loss plot, the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from muddformer import __version__
+from muddformer._utils import atomic_path
+from muddformer.config import MuddConfig
+from muddformer.plotting import pyplot, save_png
+
+# Dense bf16 tensor-core peak per GPU: MFU is reported against it (also for float32 runs).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def flops_per_token(cfg: MuddConfig, params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding parameters plus attention (PaLM appendix B)."""
+    return 6 * (params - cfg.vocab_size * cfg.dim) + 12 * cfg.n_layer * cfg.dim * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class RunLog:
+    """metrics.jsonl, TensorBoard events and the loss-curve PNG of a run folder (rank 0 only)."""
+
+    def __init__(self, out: Path, start_step: int, tensorboard: bool, enabled: bool):
+        self.out, self.enabled = out, enabled
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step or None)
+            except ImportError:
+                print("tensorboard is not installed: TensorBoard events are skipped", file=sys.stderr)
+
+    def _truncate_after(self, step: int) -> None:
+        # A resumed run rewrites history after its checkpoint, so drop records from the lost steps.
+        if not self.path.exists():
+            return
+        keep = [
+            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+        ]
+        with atomic_path(str(self.path)) as tmp:
+            Path(tmp).write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, text)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict], path: Path, title: str) -> None:
+    """Training and validation loss against step, as a PNG (written atomically)."""
+    plt = pyplot()
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def environment(device: torch.device, world: int = 1) -> dict:
+    """Versions and hardware, recorded with every run and benchmark."""
+    env = {
+        "muddformer": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": world,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env

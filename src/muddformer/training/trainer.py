@@ -1,0 +1,327 @@
+"""The trainer, from one CPU to many GPUs under torchrun, in components that can be run on their own.
+
+    trainer = Trainer(tc, recipe, cfg, data, seq_len, info)   # setup: model, optimizer, resume, run folder
+    result = trainer.train_step(step, logging)                 # one optimizer step over the micro-batches
+    trainer.evaluate()                                         # validation loss on the fixed windows
+    trainer.save(step)                                         # a checkpoint (atomic; the newest kept)
+    trainer.record(step, result)                               # tokens/s, MFU, memory, telemetry -> RunLog
+    trainer.run()                                              # all of them in the loop
+
+`train(tc)` resolves the recipe, sets up the process group and runs the trainer. Re-running the same
+config resumes from the newest readable checkpoint in its run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from muddformer._utils import atomic_path, write_json_atomic
+from muddformer.config import MuddConfig
+from muddformer.data.batches import eval_windows, iter_eval_batches, sample_batch
+from muddformer.data.shards import TokenData, bundled_data_dir
+from muddformer.data.tokenizers import load_tokenizer
+from muddformer.errors import MuddError
+from muddformer.inference.generation import sample_generate
+from muddformer.model import MuddModel, count_parameters, next_token_loss
+from muddformer.telemetry import SpikeWatch, group_grad_norms
+from muddformer.training.checkpointing import list_checkpoints, resume_latest, save_checkpoint
+from muddformer.training.config import TrainConfig, model_config, validate
+from muddformer.training.metrics import RunLog, environment, flops_per_token, peak_flops, plot_losses
+from muddformer.training.parallel import DistInfo, all_reduce_mean, close_distributed, init_distributed, parallelize
+from muddformer.training.recipes import Recipe, gradient_accumulation, param_groups
+from muddformer.training.schedule import lr_at
+
+
+class TrainingDiverged(MuddError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: the loss (mean over micro-batches and ranks), the gradient norm before clipping,
+    the learning rate, and on log steps the per-group gradient norms and dense-weight statistics."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    telemetry: dict = field(default_factory=dict)
+
+
+def train(tc: TrainConfig) -> dict:
+    """Run (or resume) training; returns the final metrics."""
+    tc, recipe = tc.resolved()
+    cfg = model_config(tc)
+    info = init_distributed(tc.device)
+    try:
+        if tc.grad_accum is None:
+            tc = dataclasses.replace(tc, grad_accum=gradient_accumulation(recipe, info.world))
+        data = TokenData(tc.data) if tc.data else TokenData(shared_bundled_data(info))
+        seq_len = validate(tc, cfg, data)
+        if cfg.eos_token_id is None and data.eot_id is not None:  # generation stops at the data's end-of-text
+            cfg = cfg.replace(eos_token_id=data.eot_id, bos_token_id=data.eot_id)
+        if info.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use TF32 tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        return Trainer(tc, recipe, cfg, data, seq_len, info).run()
+    finally:
+        close_distributed()
+
+
+def shared_bundled_data(info: DistInfo) -> Path:
+    """The bundled corpus, prepared once per machine: local rank 0 first, then the others find it ready."""
+    first = info.local_rank == 0
+    folder = bundled_data_dir() if first else None
+    if info.distributed:
+        torch.distributed.barrier()
+    return folder if first else bundled_data_dir()
+
+
+class Trainer:
+    """One training run: everything it holds is built here (the setup); the methods are its components."""
+
+    def __init__(self, tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, seq_len: int, info: DistInfo):
+        self.tc, self.recipe, self.cfg, self.data, self.seq_len, self.info = tc, recipe, cfg, data, seq_len, info
+        self.out = Path(tc.out or f"runs/{tc.preset}-{cfg.connection}")
+        self.ckpt_root = self.out / "checkpoints"
+        self.say = print if info.is_main else (lambda *a, **k: None)
+        torch.manual_seed(tc.seed)
+        self.core = MuddModel(cfg).to(info.device)
+        self.counts = count_parameters(self.core)
+        lowp = tc.dtype == "bfloat16"
+        self.model = parallelize(
+            self.core,
+            info,
+            tc.parallel,
+            tc.activation_checkpointing,
+            tc.compile,
+            mixed_precision=torch.bfloat16 if lowp and tc.parallel == "fsdp" else None,
+        )
+        self.use_autocast = lowp and tc.parallel != "fsdp"  # FSDP casts through its own policy
+        fused = {"fused": True} if info.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(param_groups(self.core, recipe), lr=tc.lr, eps=tc.eps, **fused)
+        resumed = resume_latest(self.ckpt_root, self.model, self.optimizer, cfg, report=self.say)
+        self.start = resumed.step if resumed else 0
+        if resumed:
+            self.say(f"resuming from {resumed.folder} (step {self.start})")
+        run_info = self.write_run_info() if info.is_main else {}
+        self.log = RunLog(self.out, self.start, tc.tensorboard, enabled=info.is_main)
+        if info.is_main and not resumed:
+            self.log.text("run", "```\n" + json.dumps(run_info, indent=2) + "\n```")
+        self.train_split = data.split("train", seq_len)
+        self.windows = eval_windows(data.split("val", seq_len), seq_len, tc.eval_windows)
+        self.tokens_per_step = tc.batch_size * seq_len * tc.grad_accum * info.world
+        self.flops_per_token = flops_per_token(cfg, self.counts["total"], seq_len)
+        self.peak_flops = peak_flops(info.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.watch = SpikeWatch()
+
+    def write_run_info(self) -> dict:
+        """run.json (everything that decides the run, and the environment) and the model's config.json."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        run_info = {
+            "model_config": self.cfg.to_dict(),
+            "train_config": dataclasses.asdict(self.tc),
+            "recipe": dataclasses.asdict(self.recipe),
+            "seq_len": self.seq_len,
+            "data": str(self.data.folder),
+            "data_meta": {k: self.data.meta[k] for k in ("vocab_size", "source")},
+            "parameters": self.counts,
+            "environment": environment(self.info.device, self.info.world),
+        }
+        write_json_atomic(str(self.out / "config.json"), self.cfg.to_dict())
+        write_json_atomic(str(self.out / "run.json"), run_info)
+        return run_info
+
+    def autocast(self) -> AbstractContextManager:
+        if self.use_autocast:
+            return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ---- components -----------------------------------------------------------------------------
+    def train_step(self, step: int, logging: bool, check: bool = True) -> StepResult:
+        """Forward and backward over the micro-batches of `step`, clipping, the optimizer step.
+
+        With `check`, raises TrainingDiverged before the update when the loss or the gradient norm is not
+        finite. Reading them waits for the accelerator, so the loop checks only the steps that log,
+        evaluate or save: a divergence stops the run there, before any checkpoint holds it."""
+        tc, info, core = self.tc, self.info, self.core
+        lr = lr_at(step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        loss_sum = torch.zeros((), device=info.device)
+        dense_stats: dict = {}
+        for micro in range(tc.grad_accum):
+            # Dense-weight statistics come from the first micro-batch of a log step.
+            core.connection.telemetry = {} if logging and tc.telemetry and micro == 0 else None
+            x, y = sample_batch(
+                self.train_split,
+                self.seq_len,
+                tc.batch_size,
+                tc.seed,
+                step,
+                info.rank,
+                info.world,
+                micro,
+                tc.grad_accum,
+            )
+            sync = micro == tc.grad_accum - 1 or not hasattr(self.model, "no_sync")
+            with nullcontext() if sync else self.model.no_sync(), self.autocast():
+                loss = next_token_loss(self.model(x.to(info.device)).logits, y.to(info.device)) / tc.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+            if micro == 0:
+                dense_stats = core.connection.telemetry or {}
+        core.connection.telemetry = None
+        group_norms = group_grad_norms(self.optimizer) if logging and tc.telemetry else {}
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss_mean = all_reduce_mean(loss_sum, info)
+        if check and not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
+            kept = list_checkpoints(self.ckpt_root)
+            where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"loss became {loss_mean.item()} at step {step + 1} (grad norm {grad_norm.item()}); "
+                f"{where}; lower --lr or raise --warmup"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_mean, grad_norm, lr, {**group_norms, **dense_stats})
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the run's fixed windows."""
+        model, info = self.model, self.info
+        model.eval()
+        total = torch.zeros((), device=info.device)
+        val = self.data.split("val", self.seq_len)
+        for x, y in iter_eval_batches(val, self.seq_len, self.tc.batch_size, self.windows):
+            with self.autocast():
+                logits = model(x.to(info.device)).logits
+            total += next_token_loss(logits, y.to(info.device)) * x.shape[0]
+        model.train()
+        return (total / len(self.windows)).item()
+
+    def save(self, done: int) -> None:
+        """The checkpoint after `done` steps: model, optimizer, RNG and data position."""
+        tc = self.tc
+        position = {"step": done, "micro_batches_per_step": tc.grad_accum}
+        meta = {"seed": tc.seed, "tokens": done * self.tokens_per_step, "data_position": position}
+        save_checkpoint(
+            self.ckpt_root,
+            done,
+            self.model,
+            self.cfg,
+            self.optimizer,
+            meta,
+            self.data.tokenizer_path,
+            self.info.is_main,
+            tc.keep_checkpoints,
+        )
+
+    def record(self, done: int, result: StepResult, seconds: float, tokens: int) -> dict:
+        """The metrics of a log step (throughput over the `tokens` of the last `seconds`), logged."""
+        tps = tokens / seconds if seconds > 0 else 0.0
+        record = {
+            "step": done,
+            "loss": result.loss.item(),
+            "lr": result.lr,
+            "grad_norm": result.grad_norm.item(),
+            "tokens": done * self.tokens_per_step,
+            "tokens_per_s": tps,
+        }
+        if self.peak_flops:
+            record["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.info.world)
+        if self.info.device.type == "cuda":
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.info.device) / 1e9
+        record.update(result.telemetry)
+        self.log.log(record)
+        return record
+
+    def sample(self) -> str:
+        """Text sampled from the prompt (temperature 0.8, top-k 50, seeded), written to sample.txt."""
+        tc, core, data = self.tc, self.core, self.data
+        tok = load_tokenizer(data.tokenizer_path)
+        ids = tok.encode(tc.sample_prompt).ids or [data.eot_id or 0]
+        ids = ids[-(core.config.block_size - 1) :]
+        g = torch.Generator().manual_seed(tc.seed)
+        core.eval()
+        budget = min(tc.sample_tokens, core.config.block_size - len(ids))
+        with torch.compiler.set_stance("force_eager"):  # decode shapes change every step: no recompiles
+            prompt = torch.tensor([ids], device=self.info.device)
+            new = sample_generate(core, prompt, budget, temperature=0.8, top_k=50, generator=g)
+        text = tok.decode(new[0].tolist())
+        if self.info.is_main:
+            with atomic_path(str(self.out / "sample.txt")) as tmp:
+                Path(tmp).write_text(text + "\n")
+        return text
+
+    def plot(self) -> None:
+        if self.info.is_main:
+            plot_losses(self.log.records(), self.out / "loss.png", f"{self.tc.preset} ({self.cfg.connection})")
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        tc, info = self.tc, self.info
+        last: dict = {}
+        bar = tqdm(
+            total=tc.max_steps,
+            initial=self.start,
+            desc="train",
+            unit="step",
+            disable=not (info.is_main and tc.progress),
+            dynamic_ncols=True,
+        )
+        window_start, window_tokens = time.perf_counter(), 0
+        self.model.train()
+        for step in range(self.start, tc.max_steps):
+            done = step + 1
+            logging = done % tc.log_every == 0 or done == tc.max_steps or done == self.start + 1
+            evaluating = done % tc.eval_every == 0 or done == tc.max_steps
+            saving = done % tc.save_every == 0 or done == tc.max_steps
+            try:
+                result = self.train_step(step, logging, check=logging or evaluating or saving)
+            except TrainingDiverged:
+                bar.close()
+                raise
+            window_tokens += self.tokens_per_step
+            bar.update(1)
+            if logging:
+                record = self.record(done, result, time.perf_counter() - window_start, window_tokens)
+                warning = self.watch.check(done, record)
+                if warning and info.is_main:
+                    bar.write(f"warning: {warning}", file=sys.stderr)
+                last.update(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if evaluating:
+                val = self.evaluate()
+                self.log.log({"step": done, "val_loss": val})
+                last["val_loss"] = val
+                if info.is_main and tc.progress:
+                    bar.write(f"step {done}: val_loss {val:.4f}")
+                self.plot()
+            if saving:
+                self.save(done)
+                window_start = time.perf_counter()  # do not count checkpoint time as training time
+        bar.close()
+        # Under FSDP every rank takes part in each forward; otherwise rank 0 samples alone.
+        if tc.sample_tokens > 0 and self.data.tokenizer_path.is_file() and (info.is_main or tc.parallel == "fsdp"):
+            text = self.sample()
+            self.log.text("sample", text)
+            self.say("--- sample ---\n" + text)
+        self.log.close()
+        if self.start < tc.max_steps:
+            self.plot()
+        self.say(f"run folder: {self.out}")
+        return last
