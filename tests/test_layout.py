@@ -1,0 +1,108 @@
+"""The package's layout rules (README, Layout; CONTRIBUTING): imports point down, no cycles, no
+function-local imports but optional ones, small modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "muddformer"
+CORE = (
+    "config",
+    "presets",
+    "layers",
+    "model",
+    "errors",
+    "options",
+    "_utils",
+    "telemetry",
+    "compat",
+    "connections",
+    "kernels",
+)
+# The layers above the core, lowest first: a module may import its own layer and those before it.
+LAYERS = ("inference", "adapters", "data", "training", "evaluation", "experiments", "cli")
+OPTIONAL = ("triton", "lm_eval", "matplotlib", "yaml", "torch.utils.tensorboard", "muddformer.kernels.depth_mix_triton")
+MAX_LINES = 420
+
+
+def modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(("muddformer", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        out[name] = ast.parse(path.read_text())
+    return out
+
+
+def top_level_imports(tree: ast.Module) -> set[str]:
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("muddformer"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("muddformer"))
+    return found
+
+
+def layer_of(module: str) -> int:
+    """-1 for the core (and the package itself), else the index in LAYERS."""
+    part = module.split(".")[1] if "." in module else ""
+    return LAYERS.index(part) if part in LAYERS else -1
+
+
+MODULES = modules()
+
+
+def test_there_are_no_relative_imports():
+    relative = [
+        name for name, tree in MODULES.items() for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level
+    ]
+    assert not relative
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if m not in ("muddformer", "muddformer.__main__")])
+def test_imports_point_down(name):
+    """The core imports only the core; a layer imports only its own and lower ones; nothing imports cli."""
+    own = layer_of(name)
+    for target in top_level_imports(MODULES[name]):
+        if target == "muddformer":  # `from muddformer import __version__`
+            continue
+        assert layer_of(target) <= own, f"{name} imports {target}, a layer above it"
+        assert not target.startswith("muddformer.cli") or name.startswith("muddformer.cli"), name
+
+
+def test_no_import_cycles():
+    graph = {name: {t for t in top_level_imports(tree) if t in MODULES} for name, tree in MODULES.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [])
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_function_local_imports_are_of_optional_dependencies_only(name):
+    for fn in ast.walk(MODULES[name]):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                target = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                assert any(target == o or target.startswith(o + ".") for o in OPTIONAL), (
+                    f"{name}.{fn.name} imports {target} inside the function"
+                )
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_modules_stay_small(path):
+    assert len(path.read_text().splitlines()) <= MAX_LINES
