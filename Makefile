@@ -18,6 +18,7 @@ PIP_TORCH_SOURCE ?= $(if $(LOCAL_WHEELS),--find-links $(LOCAL_WHEELS),--extra-in
 UV_TORCH_SOURCE ?= $(if $(LOCAL_WHEELS),--find-links $(LOCAL_WHEELS),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
 UV ?= uv==0.13.9
 RUFF ?= ruff==0.17.6
+MYPY ?= mypy==2.4.1
 TOOLS = .venv-tools
 UPSTREAM_TESTS = $(BIN)/python -m pytest tests -q -m upstream
 SHOW_VERSIONS = $(BIN)/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|tokenizers|safetensors|lm.eval|huggingface.hub|accelerate|numpy|triton)=='
@@ -44,12 +45,14 @@ train: install
 $(TOOLS)/.installed: Makefile
 	rm -rf $(TOOLS)
 	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/python -m pip install -q "$(UV)" "$(RUFF)"
+	$(TOOLS)/bin/python -m pip install -q "$(UV)" "$(RUFF)" "$(MYPY)"
 	touch $@
 
-lint: $(TOOLS)/.installed
+# mypy checks the model core (pyproject.toml [tool.mypy]) against the packages of the project's venv.
+lint: $(TOOLS)/.installed install
 	$(TOOLS)/bin/ruff check .
 	$(TOOLS)/bin/ruff format --check .
+	$(TOOLS)/bin/mypy --python-executable $(BIN)/python
 
 format: $(TOOLS)/.installed
 	$(TOOLS)/bin/ruff check --fix .

@@ -28,6 +28,8 @@ DENSE_FAMILY = ("mudd", "ddformer", "denseformer", "mudd-static")  # connections
 DYNAMIC_DENSE = ("mudd", "ddformer")  # the dense connections with a weight generator
 MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # implemented in kernels/depth_mix.py
 # How a model computes rather than what (architecture, idea 7): a run may change them, e.g. on resume.
+# Fields that may be given as None (typed without it): __post_init__ derives them from the block family.
+DERIVED_FIELDS = ("intermediate_size", "norm_eps", "rotary_pct")
 EXECUTION_FIELDS = ("attn_impl", "mix_impl", "recompute_mix")
 
 
@@ -50,13 +52,14 @@ class MuddConfig:
     n_layer: int = 4
     dim: int = 256
     n_head: int = 4
-    intermediate_size: int | None = None  # None: find_multiple(8*dim/3, 256) llama, 4*dim pythia
+    # Fields given as None are derived in __post_init__: after construction they always hold a value.
+    intermediate_size: int = None  # type: ignore[assignment]  # None: find_multiple(8*dim/3, 256) llama, 4*dim pythia
     block_size: int = 256  # context length (positions covered by the rotary table)
-    norm_eps: float | None = None  # None: 1e-6 llama, 1e-5 pythia
+    norm_eps: float = None  # type: ignore[assignment]  # None: 1e-6 llama, 1e-5 pythia
     rope_base: float = 10000.0
     block: str = "llama"
     connection: str = "mudd"
-    rotary_pct: float | None = None  # share of head_dim that is rotated; None: 1.0 llama, 0.25 pythia
+    rotary_pct: float = None  # type: ignore[assignment]  # share of head_dim that is rotated; None: 1.0 llama, 0.25 pythia
     use_qk_norm: bool = True  # per-head RMSNorm of q and k before RoPE (all released models)
     ffn_schedule: str = "linear"  # "linear": paper's width re-allocation 0.5x -> 1.5x over depth
     dense_round64: bool = True  # dense-connection generator width rounded up to the next 64-block
@@ -119,7 +122,7 @@ class MuddConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             allowed = _allowed_types(hints[f.name])
-            if value is None and type(None) in allowed:
+            if value is None and (type(None) in allowed or f.name in DERIVED_FIELDS):
                 continue
             if float in allowed and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -233,11 +236,9 @@ class MuddConfig:
         for layer in [] if self.dense_layers == "all" else _int_list(self.dense_layers, "dense_layers"):
             if not -L <= layer < L:
                 raise ConfigError(f"MuddConfig.dense_layers: layer {layer} is outside [-{L}, {L}) for n_layer={L}")
-        for layer, sources in self._source_map().items():
-            if layer is not None and not -L <= layer < L:
-                raise ConfigError(
-                    f"MuddConfig.dense_sources: aggregation {layer} is outside [-{L}, {L}) for n_layer={L}"
-                )
+        for key, sources in self._source_map().items():
+            if key is not None and not -L <= key < L:
+                raise ConfigError(f"MuddConfig.dense_sources: aggregation {key} is outside [-{L}, {L}) for n_layer={L}")
             for j in sources:
                 if not 0 <= j <= L:
                     raise ConfigError(
@@ -297,7 +298,7 @@ class MuddConfig:
             return {}
         if ":" not in text:
             return {None: set(_int_list(text, "dense_sources"))}
-        out = {}
+        out: dict[int | None, set[int]] = {}
         for item in text.split(";"):
             layer, sep, states = item.partition(":")
             try:
@@ -317,7 +318,7 @@ class MuddConfig:
         table = self._source_map()
         if None in table:
             return table[None]
-        return next((states for key, states in table.items() if key % self.n_layer == layer), None)
+        return next((states for key, states in table.items() if key is not None and key % self.n_layer == layer), None)
 
     @property
     def is_sparse(self) -> bool:

@@ -33,7 +33,7 @@ def rms_norm_no_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def make_norm(cfg: MuddConfig, dim: int | None = None) -> nn.Module:
+def make_norm(cfg: MuddConfig, dim: int | None = None) -> RMSNorm | nn.LayerNorm:
     """The block family's norm: RMSNorm (llama) or LayerNorm with bias (pythia)."""
     dim = cfg.dim if dim is None else dim
     return RMSNorm(dim, cfg.norm_eps) if cfg.block == "llama" else nn.LayerNorm(dim, eps=cfg.norm_eps)
@@ -119,11 +119,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.dim, bias=bias)
         self.wv = nn.Linear(cfg.dim, cfg.dim, bias=bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=bias)
-        if cfg.use_qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
+        self.q_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.use_qk_norm else None
+        self.k_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.use_qk_norm else None
 
     def queries_and_keys(
         self, xq: torch.Tensor, xk: torch.Tensor, rope: torch.Tensor
@@ -132,7 +129,7 @@ class Attention(nn.Module):
         B, T, _ = xq.shape
         q = self.wq(xq).view(B, T, self.n_head, self.head_dim)
         k = self.wk(xk).view(B, T, self.n_head, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope, self.rotary_dim), apply_rotary(k, rope, self.rotary_dim)
         return q.transpose(1, 2), k.transpose(1, 2)

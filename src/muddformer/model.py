@@ -6,7 +6,7 @@ It knows nothing about parallelism, checkpoints or Hugging Face (architecture, i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ class CausalLMOutput:
 
 class MuddModel(nn.Module):
     """A causal language model of the MUDD family, configured by one MuddConfig."""
+
+    rope: torch.Tensor  # a buffer: cos/sin of every position (block_size, rotary_dim/2, 2)
 
     def __init__(self, cfg: MuddConfig):
         super().__init__()
@@ -59,8 +61,9 @@ class MuddModel(nn.Module):
                     nn.init.normal_(module.weight, std=self.config.init_std)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                nn.init.zeros_(bias)
         self.connection.reset_parameters()
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
@@ -132,7 +135,7 @@ class MuddModel(nn.Module):
         conn = self.connection
         state = conn.begin(self.tok_embeddings(input_ids))
         for layer, block in enumerate(self.layers):
-            conn.run_block(state, layer, block, ctx)
+            conn.run_block(state, layer, cast(Block, block), ctx)
         logits = self.output(self.norm(conn.output(state)))
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss)
@@ -191,6 +194,7 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
             seen.add(id(p))
             total += p.numel()
     core = model if isinstance(model, MuddModel) else model.model
+    assert isinstance(core, MuddModel)
     dense = sum(p.numel() for p in core.connection.parameters())
     return {"total": total, "dense": dense, "dense_pct": 100.0 * dense / total if total else 0.0}
 

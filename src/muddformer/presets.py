@@ -172,8 +172,8 @@ def _recipe_of(preset: str) -> str:
     for size in ("1.4b", "2.8b"):
         if preset.endswith("pythia-" + size):  # pythia-* and muddpythia-*
             return "pythia-" + size
-    size = next((size for size in _SCALING if preset.endswith("-" + size)), None)
-    return f"paper-{size}" if size else "cpu"
+    scale = next((size for size in _SCALING if preset.endswith("-" + size)), None)
+    return f"paper-{scale}" if scale else "cpu"
 
 
 # Every preset's default recipe: the paper's for its size, the released models' own, "cpu" for the small ones.

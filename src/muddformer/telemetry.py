@@ -34,7 +34,7 @@ def weight_stats(layer: int, streams: str, weights: torch.Tensor) -> dict[str, f
 
 def group_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """`grad_norm/{group}`: the L2 norm of each named parameter group's gradients (before clipping)."""
-    out = {}
+    out: dict[str, float] = {}
     for group in optimizer.param_groups:
         norms = []
         for p in group["params"]:

@@ -56,7 +56,7 @@ def config_from_published(d: dict[str, Any]) -> MuddConfig:
         n_layer=d["n_layer"],
         dim=d["dim"],
         n_head=d["n_head"],
-        intermediate_size=d.get("intermediate_size"),
+        intermediate_size=d.get("intermediate_size"),  # type: ignore[arg-type]  # None: derived
         block_size=d["block_size"],
         norm_eps=d.get("norm_eps", 1e-5 if pythia else 1e-6),
         rope_base=float(d.get("rope_base", 10000)),

@@ -18,13 +18,14 @@ every sub-layer is its own group. Every weight is per token, so decoding keeps o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
 from muddformer.config import MuddConfig
 from muddformer.connections.base import Connection
-from muddformer.layers import RMSNorm
+from muddformer.layers import Block, RMSNorm
 
 Sources = tuple[torch.Tensor, ...]
 
@@ -69,17 +70,17 @@ class AttentionResidualConnection(Connection):
             for query in self.queries:
                 query.zero_()
             for norm in self.key_norms:
-                norm.weight.fill_(1.0)
+                cast(RMSNorm, norm).weight.fill_(1.0)
 
     def begin(self, x0: torch.Tensor) -> AttnResState:
         return AttnResState(completed=[x0])
 
-    def run_block(self, state: AttnResState, layer: int, block: nn.Module, ctx) -> None:
+    def run_block(self, state: AttnResState, layer: int, block: Block, ctx) -> None:
         completed, state.partial = block((tuple(state.completed), state.partial), ctx, around=self)
         state.completed = list(completed)
 
     def through_block(
-        self, block: nn.Module, sources: tuple[Sources, torch.Tensor | None], ctx
+        self, block: Block, sources: tuple[Sources, torch.Tensor | None], ctx
     ) -> tuple[Sources, torch.Tensor | None]:
         """Block `block.layer_idx` on (completed sources, partial sum); a pure function, so checkpointing can
         rerun it."""
@@ -107,7 +108,7 @@ class AttentionResidualConnection(Connection):
 
     def mix(self, index: int, sources: Sources) -> torch.Tensor:
         """sum_i softmax_i(w . RMSNorm(v_i)) v_i over the sources (each (B, T, D)) with query and key norm `index`."""
-        norm = self.key_norms[index]
+        norm = cast(RMSNorm, self.key_norms[index])
         # w . (v / rms(v) * gamma) = (v . (w * gamma)) / rms(v): no normalised copy of any source is made.
         query = self.queries[index] * norm.weight
         logits = torch.stack([depth_logit(v, query, norm.eps) for v in sources], dim=-1)  # (B, T, S)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from muddformer.config import MuddConfig
+from muddformer.layers import Block
 from muddformer.telemetry import weight_stats
 
 
@@ -53,7 +54,7 @@ class Connection(nn.Module):
         """The state before block 0, from the embedding x0 (B, T, D)."""
         raise NotImplementedError
 
-    def run_block(self, state: Any, layer: int, block: nn.Module, ctx) -> None:
+    def run_block(self, state: Any, layer: int, block: Block, ctx) -> None:
         """Run block `layer` on the input the state gives it and advance the state."""
         raise NotImplementedError
 

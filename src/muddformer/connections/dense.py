@@ -15,6 +15,7 @@ computes exactly what a residual model computes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from muddformer.config import MuddConfig
 from muddformer.connections.base import Connection
 from muddformer.kernels.depth_mix import UNBUFFERED, DepthBuffer, depth_mix_buffered
-from muddformer.layers import BlockInput, RMSNorm, ValueAdded, residual_input, rms_norm_no_scale
+from muddformer.layers import Block, BlockInput, RMSNorm, ValueAdded, residual_input, rms_norm_no_scale
 
 
 def generator_width(n_streams: int, n_states: int, last: bool, expand_last: bool, round64: bool) -> int:
@@ -75,6 +76,7 @@ def aggregation_plan(cfg: MuddConfig, n_streams: int) -> list[Aggregation | None
     for layer in range(L):
         newest, sources = layer + 1, cfg.dense_sources_for(layer)
         keep = (layers is None or layer in layers) and newest % cfg.dense_period == 0
+        streams: tuple[int, ...]
         if n_streams == 1:
             streams = (0,)
         elif layer == L - 1:  # the last aggregation feeds the output norm: the R stream only
@@ -177,16 +179,16 @@ class DenseConnection(Connection):
                 if not (self.prepost or self.additive):  # one-hot on the newest state: the residual start
                     bias[:, -1] = 1.0
             if self.dynamic:
-                for gen in self.dynamic_dense.values():
+                for gen in self.generators():
                     nn.init.normal_(gen.w1.weight, std=self.dim**-0.5)
                     nn.init.zeros_(gen.w2.weight)
                     if gen.norm is not None:
                         nn.init.ones_(gen.norm.weight)
             if self.prepost:
                 for norm in self.pre_norms:
-                    nn.init.ones_(norm.weight)
+                    nn.init.ones_(cast(RMSNorm, norm).weight)
                 for norm in self.post_norms:
-                    nn.init.constant_(norm.weight, 1e-3)
+                    nn.init.constant_(cast(RMSNorm, norm).weight, 1e-3)
 
     def uses_buffer(self) -> bool:
         # Eager runs write states into one buffer and mix with a batched matmul (or Triton); under
@@ -209,7 +211,18 @@ class DenseConnection(Connection):
 
     def output(self, state: DenseState) -> torch.Tensor:
         out = state.next_input
-        return out[-1] if isinstance(out, tuple) else out
+        final = out[-1] if isinstance(out, tuple) else out
+        assert isinstance(final, torch.Tensor), "the last aggregation gives the output norm one state"
+        return final
+
+    def aggregation(self, layer: int) -> Aggregation:
+        """The aggregation after block `layer` (one that a sparse model keeps)."""
+        agg = self.plan[layer]
+        assert agg is not None, f"no aggregation after block {layer}"
+        return agg
+
+    def generators(self) -> list[WeightGenerator]:
+        return [cast(WeightGenerator, gen) for gen in self.dynamic_dense.values()]
 
     def dense_weights(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """Weights (B, T, C, n) over `plan[layer].sources` after block `layer`; static ones are (1, 1, C, n)."""
@@ -233,7 +246,7 @@ class DenseConnection(Connection):
             return "x"
         if self.input_streams(layer) == 1:
             return "r"
-        return "".join("qkvr"[c] for c in self.plan[layer].streams)
+        return "".join("qkvr"[c] for c in self.aggregation(layer).streams)
 
     def advance(self, state: DenseState, layer: int, out: torch.Tensor) -> None:
         stored = self.store(state, self.pre_norms[layer + 1](out) if self.prepost else out)
@@ -250,7 +263,7 @@ class DenseConnection(Connection):
         self, buffer: DepthBuffer | None, states: list[torch.Tensor], layer: int, gen_input: torch.Tensor
     ) -> BlockInput:
         """The inputs of block layer+1: the mix of the stored states with the weights made from block layer's output."""
-        agg = self.plan[layer]
+        agg = self.aggregation(layer)
         weights = self.dense_weights(layer, gen_input)
         if buffer is not None and agg.sources == tuple(range(len(states))):
             mixed = depth_mix_buffered(buffer, states, weights, self.mix_impl)
@@ -267,15 +280,16 @@ class DenseConnection(Connection):
             ]
         elif self.additive:  # the newest state plus the scaled mix (the speedrun's form)
             scales = self.add_scales[layer]
+            assert scales is not None
             if self.v_after_proj and n_out == 4:  # q, k, v read the R stream; the V mix joins after W_v
                 r = gen_input + scales[3] * by_position[3] if 3 in by_position else gen_input
                 return ValueAdded(r, scales[2] * by_position[2])
             streams = [gen_input + scales[c] * by_position[c] if c in by_position else gen_input for c in range(n_out)]
         else:  # streams that are not mixed take the newest state, as in a residual model
             streams = [by_position.get(c, gen_input) for c in range(n_out)]
-        return tuple(streams) if n_out == 4 else streams[0]
+        return cast(BlockInput, tuple(streams)) if n_out == 4 else streams[0]
 
-    def run_block(self, state: DenseState, layer: int, block: nn.Module, ctx) -> None:
+    def run_block(self, state: DenseState, layer: int, block: Block, ctx) -> None:
         pending = state.next_input
         if isinstance(pending, _Pending):
             # Inside the block call, so that activation checkpointing of the block covers it too.
@@ -284,7 +298,7 @@ class DenseConnection(Connection):
             out = block(pending, ctx)
         self.advance(state, layer, out)
 
-    def through_block(self, block: nn.Module, pending: tuple, ctx) -> torch.Tensor:
+    def through_block(self, block: Block, pending: tuple, ctx) -> torch.Tensor:
         """Block inputs recomputed in backward: only the stored states and the generator input are kept,
         not the mixed streams, their normalised copies or the generator's activations (architecture §5 memory)."""
         buffer, states, p = pending

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 from torch import nn
 
 from muddformer.config import MuddConfig
 from muddformer.connections.base import Connection
-from muddformer.layers import make_norm
+from muddformer.layers import Block, make_norm
 
 
 @dataclass
@@ -54,13 +55,13 @@ class HyperConnectionBase(Connection):
 
     def reset_parameters(self) -> None:
         for layer in self.layers:
-            for site in layer.sites:
-                site.reset_parameters()
+            for site in cast(HyperLayer, layer).sites:
+                cast(Site, site).reset_parameters()
 
     def begin(self, x0: torch.Tensor) -> HyperState:
         return HyperState(x0.unsqueeze(-2).expand(*x0.shape[:-1], self.n_streams, x0.shape[-1]))
 
-    def run_block(self, state: HyperState, layer: int, block: nn.Module, ctx) -> None:
+    def run_block(self, state: HyperState, layer: int, block: Block, ctx) -> None:
         # The block's sites ride along as a module argument: every layer then runs the same code, so a
         # per-block compile builds one graph for all of them.
         state.streams = block(state.streams, ctx, around=self.layers[layer])
@@ -73,6 +74,14 @@ class HyperConnectionBase(Connection):
         return first + (H - first[..., None, :]).mean(-2)
 
 
+class Site(Protocol):
+    """What HyperLayer needs of a site: HyperSite (HC) and ManifoldSite (mHC)."""
+
+    def read(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def reset_parameters(self) -> None: ...
+
+
 class HyperLayer(nn.Module):
     """The sites around one block: attention and FFN (llama), or one for the parallel pair (pythia)."""
 
@@ -80,15 +89,18 @@ class HyperLayer(nn.Module):
         super().__init__()
         self.sites = nn.ModuleList(sites)
 
-    def through_block(self, block: nn.Module, H: torch.Tensor, ctx) -> torch.Tensor:
+    def through_block(self, block: Block, H: torch.Tensor, ctx) -> torch.Tensor:
         """The block on streams H (B, T, n, D); a pure function of H, so checkpointing can rerun it."""
         if block.parallel_residual:
-            h, carried, gain = self.sites[0].read(H)
+            h, carried, gain = self.site(0).read(H)
             return write(carried, gain, block.attention_part(h, ctx), block.ffn_part(h))
-        h, carried, gain = self.sites[0].read(H)
+        h, carried, gain = self.site(0).read(H)
         H = write(carried, gain, block.attention_part(h, ctx))
-        h, carried, gain = self.sites[1].read(H)
+        h, carried, gain = self.site(1).read(H)
         return write(carried, gain, block.ffn_part(h))
+
+    def site(self, index: int) -> Site:
+        return cast(Site, self.sites[index])
 
 
 def write(carried: torch.Tensor, gain: torch.Tensor, *outputs: torch.Tensor) -> torch.Tensor:
@@ -126,8 +138,9 @@ class HyperSite(nn.Module):
             self.alpha_scale.fill_(HC_DYNAMIC_SCALE)
             self.beta_scale.fill_(HC_DYNAMIC_SCALE)
             nn.init.ones_(self.norm.weight)
-            if getattr(self.norm, "bias", None) is not None:
-                nn.init.zeros_(self.norm.bias)
+            bias = getattr(self.norm, "bias", None)  # LayerNorm's (pythia); RMSNorm has none
+            if bias is not None:
+                nn.init.zeros_(bias)
 
     def read(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The sub-layer input h (B, T, D), the carried streams R^T H (B, T, n, D) and the gains b (B, T, n)."""

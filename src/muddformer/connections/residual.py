@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from muddformer.connections.base import Connection
+from muddformer.layers import Block
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ResidualConnection(Connection):
     def advance(self, state: ResidualState, layer: int, out: torch.Tensor) -> None:
         state.stream = out
 
-    def run_block(self, state: ResidualState, layer: int, block: nn.Module, ctx) -> None:
+    def run_block(self, state: ResidualState, layer: int, block: Block, ctx) -> None:
         self.advance(state, layer, block(self.block_input(state, layer), ctx))
 
     def output(self, state: ResidualState) -> torch.Tensor:

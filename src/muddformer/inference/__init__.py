@@ -1,1 +1,1 @@
-"""inference."""
+"""Decoding: KV caches (kv_cache.py) and generation (generation.py)."""

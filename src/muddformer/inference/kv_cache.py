@@ -17,12 +17,11 @@ class KVCache:
         self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, cache_kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append these tokens' keys and values (B, H, T, d); all of the layer's so far come back."""
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = k, v
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=2)
-        return self.keys[layer_idx], self.values[layer_idx]
+        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
+        if old_k is not None and old_v is not None:
+            k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         k = self.keys[layer_idx]
