@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from muddformer.dense_options import check_dense_options, int_list, parse_dense_sources
 from muddformer.errors import ConfigError
 from muddformer.presets import PRESETS, RENAMED
 
@@ -24,12 +25,10 @@ DENSE_MIXES = ("replace", "add")
 TABLE_DTYPES = ("float32", "bfloat16", "float16")
 INIT_METHODS = ("normal", "xavier")
 ATTN_IMPLS = ("sdpa", "reference")
-DENSE_FAMILY = ("mudd", "ddformer", "denseformer", "mudd-static")  # connections/dense.py
-DYNAMIC_DENSE = ("mudd", "ddformer")  # the dense connections with a weight generator
 MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # implemented in kernels/depth_mix.py
 # How a model computes rather than what (architecture, idea 7): a run may change them, e.g. on resume.
 # Fields that may be given as None (typed without it): __post_init__ derives them from the block family.
-DERIVED_FIELDS = ("intermediate_size", "norm_eps", "rotary_pct")
+DERIVED_FIELDS = ("intermediate_size", "norm_eps", "rotary_pct", "n_kv_head")
 EXECUTION_FIELDS = ("attn_impl", "mix_impl", "recompute_mix")
 
 
@@ -52,6 +51,8 @@ class MuddConfig:
     n_layer: int = 4
     dim: int = 256
     n_head: int = 4
+    # Key/value heads: grouped-query attention when fewer than n_head (1: multi-query); None: n_head.
+    n_kv_head: int = None  # type: ignore[assignment]
     # Fields given as None are derived in __post_init__: after construction they always hold a value.
     intermediate_size: int = None  # type: ignore[assignment]  # None: find_multiple(8*dim/3, 256) llama, 4*dim pythia
     block_size: int = 256  # context length (positions covered by the rotary table)
@@ -140,6 +141,8 @@ class MuddConfig:
             self.norm_eps = 1e-6 if llama else 1e-5
         if self.rotary_pct is None:
             self.rotary_pct = 1.0 if llama else 0.25
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
 
     def _validate(self) -> None:
         for name, choices in (
@@ -162,6 +165,7 @@ class MuddConfig:
             "n_layer",
             "dim",
             "n_head",
+            "n_kv_head",
             "intermediate_size",
             "block_size",
             "hyper_streams",
@@ -180,11 +184,21 @@ class MuddConfig:
                 f"MuddConfig.hyper_streams={self.hyper_streams} gives connection='mhc' a single stream, which its "
                 "sigmoid and Sinkhorn weights cannot start as a residual; use hyper_streams >= 2"
             )
-        self._validate_sparse()
+        check_dense_options(self)
         if self.dim % self.n_head:
             raise ConfigError(
                 f"MuddConfig.dim={self.dim} is not divisible by n_head={self.n_head}; "
                 "pick a dim that is a multiple of n_head"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"MuddConfig.n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}: each key/value head "
+                "serves a whole group of query heads"
+            )
+        if self.dense_v_after_proj and self.n_kv_head != self.n_head:
+            raise ConfigError(
+                "MuddConfig.dense_v_after_proj adds a dim-wide V mix to the value projection, which grouped-query "
+                f"attention narrows to n_kv_head={self.n_kv_head} heads; use n_kv_head=n_head"
             )
         if not 0 < self.rotary_pct <= 1:
             raise ConfigError(f"MuddConfig.rotary_pct must be in (0, 1], got {self.rotary_pct}")
@@ -206,112 +220,15 @@ class MuddConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"MuddConfig.{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
 
-    def _validate_sparse(self) -> None:
-        if self.dense_hidden < 0:
-            raise ConfigError(
-                f"MuddConfig.dense_hidden must be >= 0 (0: the paper's width rule), got {self.dense_hidden}"
-            )
-        if not self.dense_cap >= 0:
-            raise ConfigError(f"MuddConfig.dense_cap must be >= 0 (0: no cap), got {self.dense_cap}")
-        if not self.dense_gen_scale > 0:
-            raise ConfigError(f"MuddConfig.dense_gen_scale must be positive (1: unscaled), got {self.dense_gen_scale}")
-        if self.dense_mix == "add" and self.dense_norm == "prepost":
-            raise ConfigError("dense_mix='add' and dense_norm='prepost' both add the mix to the newest state; pick one")
-        if (self.dense_mix, self.dense_add_scale) != ("replace", 0.1) and self.connection not in DENSE_FAMILY:
-            raise ConfigError(
-                f"dense_mix and dense_add_scale apply to the dense connections ({', '.join(DENSE_FAMILY)}), "
-                f"not connection={self.connection!r}; drop them or pick one of those"
-            )
-        if not self.dense_gen_norm and self.connection not in DYNAMIC_DENSE:
-            raise ConfigError(
-                f"dense_gen_norm=False applies to the dynamic dense connections ({', '.join(DYNAMIC_DENSE)}), "
-                f"not connection={self.connection!r}"
-            )
-        if (self.dense_cap, self.dense_gen_scale) != (0.0, 1.0) and self.connection not in DYNAMIC_DENSE:
-            raise ConfigError(
-                f"dense_cap and dense_gen_scale act on dynamic dense weights ({', '.join(DYNAMIC_DENSE)}), "
-                f"not connection={self.connection!r}; drop them or pick one of those"
-            )
-        L = self.n_layer
-        for layer in [] if self.dense_layers == "all" else _int_list(self.dense_layers, "dense_layers"):
-            if not -L <= layer < L:
-                raise ConfigError(f"MuddConfig.dense_layers: layer {layer} is outside [-{L}, {L}) for n_layer={L}")
-        for key, sources in self._source_map().items():
-            if key is not None and not -L <= key < L:
-                raise ConfigError(f"MuddConfig.dense_sources: aggregation {key} is outside [-{L}, {L}) for n_layer={L}")
-            for j in sources:
-                if not 0 <= j <= L:
-                    raise ConfigError(
-                        f"MuddConfig.dense_sources: state {j} is outside [0, {L}] "
-                        "(0 = embedding, j = block j-1's output)"
-                    )
-        additive_only = {
-            "dense_add_scale_by_sources": self.dense_add_scale_by_sources,
-            "dense_v_gain": self.dense_v_gain != 1.0,
-            "dense_v_after_proj": self.dense_v_after_proj,
-        }
-        for name, used in additive_only.items():
-            if used and self.dense_mix != "add":
-                raise ConfigError(f"MuddConfig.{name} shapes the additive mix; set dense_mix='add' or drop it")
-        if self.dense_v_gain != 1.0 and (
-            self.connection not in ("mudd", "mudd-static") or "v" not in self.dense_streams
-        ):
-            raise ConfigError(
-                "MuddConfig.dense_v_gain scales the V stream's mix: it needs connection mudd or mudd-static "
-                f"with 'v' in dense_streams, got {self.connection!r} and {self.dense_streams!r}"
-            )
-        if self.dense_v_after_proj and (
-            self.connection not in ("mudd", "mudd-static")
-            or "v" not in self.dense_streams
-            or set("qk") & set(self.dense_streams)
-        ):
-            raise ConfigError(
-                f"MuddConfig.dense_v_after_proj adds a V mix after the projection while q, k and v read the R "
-                f"stream: it needs connection mudd or mudd-static and dense_streams with 'v' but no 'q' or 'k', "
-                f"got {self.connection!r} and {self.dense_streams!r}"
-            )
-        streams = self.dense_streams
-        if not streams or set(streams) - set("qkvr") or len(set(streams)) != len(streams):
-            raise ConfigError(f"MuddConfig.dense_streams={streams!r} must be distinct letters of 'qkvr', e.g. 'vr'")
-        if self.is_sparse and self.connection not in DENSE_FAMILY:
-            raise ConfigError(
-                f"sparse dense_* options apply to the dense connections ({', '.join(DENSE_FAMILY)}), "
-                f"not connection={self.connection!r}; drop them or pick one of those"
-            )
-        if streams != "qkvr" and self.connection in ("ddformer", "denseformer"):
-            raise ConfigError(
-                f"MuddConfig.dense_streams={streams!r} needs a multiway connection (mudd, mudd-static); "
-                f"{self.connection} mixes one stream"
-            )
-
     @property
     def dense_layer_set(self) -> set[int] | None:
         """The kept aggregations as indices 0..L-1 (None: all)."""
         if self.dense_layers == "all":
             return None
-        return {i % self.n_layer for i in _int_list(self.dense_layers, "dense_layers")}
+        return {i % self.n_layer for i in int_list(self.dense_layers, "dense_layers")}
 
     def _source_map(self) -> dict[int | None, set[int]]:
-        """dense_sources parsed: {None: states} for one list, {aggregation: states} per aggregation, {} for all."""
-        text = self.dense_sources.strip()
-        if text == "all":
-            return {}
-        if ":" not in text:
-            return {None: set(_int_list(text, "dense_sources"))}
-        out: dict[int | None, set[int]] = {}
-        for item in text.split(";"):
-            layer, sep, states = item.partition(":")
-            try:
-                key = int(layer)
-            except ValueError:
-                key = None
-            if not sep or key is None or key in out:
-                raise ConfigError(
-                    f"MuddConfig.dense_sources={self.dense_sources!r}: write one list ('0,3') or "
-                    "'LAYER:STATES' items once per aggregation, e.g. '-2:0,8,10;-1:0,10'"
-                )
-            out[key] = set(_int_list(states, "dense_sources"))
-        return out
+        return parse_dense_sources(self.dense_sources)
 
     def dense_sources_for(self, layer: int) -> set[int] | None:
         """The states the aggregation after block `layer` may read (None: all), as dense_sources gives them."""
@@ -335,6 +252,11 @@ class MuddConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key and value projections: n_kv_head heads of head_dim."""
+        return self.n_kv_head * self.head_dim
 
     @property
     def rotary_dim(self) -> int:
@@ -398,15 +320,6 @@ class MuddConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
-
-
-def _int_list(text: str, name: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"MuddConfig.{name}={text!r} must be 'all' or comma-separated integers, e.g. '0,3,-1'"
-        ) from None
 
 
 def _allowed_types(hint: Any) -> tuple[type, ...]:

@@ -106,6 +106,14 @@ def reference_attention(
     return probs @ v
 
 
+def repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Keys or values (B, H_kv, S, d) for n_head query heads: each kv head serves n_head / H_kv consecutive ones."""
+    B, H_kv, S, d = x.shape
+    if H_kv == n_head:
+        return x
+    return x[:, :, None].expand(B, H_kv, n_head // H_kv, S, d).reshape(B, n_head, S, d)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with separate q/k/v inputs, optional per-head QK RMSNorm, RoPE."""
 
@@ -114,10 +122,11 @@ class Attention(nn.Module):
         bias = cfg.block == "pythia"
         self.layer_idx = layer_idx
         self.n_head, self.head_dim, self.rotary_dim = cfg.n_head, cfg.head_dim, cfg.rotary_dim
+        self.n_kv_head = cfg.n_kv_head
         self.attn_impl, self.softmax_float32 = cfg.attn_impl, cfg.block == "llama"
         self.wq = nn.Linear(cfg.dim, cfg.dim, bias=bias)
-        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=bias)
-        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=bias)
         self.q_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.use_qk_norm else None
         self.k_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.use_qk_norm else None
@@ -125,10 +134,10 @@ class Attention(nn.Module):
     def queries_and_keys(
         self, xq: torch.Tensor, xk: torch.Tensor, rope: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k (B, H, T, head_dim) as attention uses them: projection, per-head QK-norm, RoPE."""
+        """q (B, H, T, head_dim) and k (B, H_kv, T, head_dim): projection, per-head QK-norm, RoPE."""
         B, T, _ = xq.shape
         q = self.wq(xq).view(B, T, self.n_head, self.head_dim)
-        k = self.wk(xk).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(xk).view(B, T, self.n_kv_head, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope, self.rotary_dim), apply_rotary(k, rope, self.rotary_dim)
@@ -145,9 +154,10 @@ class Attention(nn.Module):
         B, T, D = xq.shape
         q, k = self.queries_and_keys(xq, xk, ctx.rope)
         v = self.wv(xv) if value_add is None else self.wv(xv) + value_add
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        if ctx.cache is not None:
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if ctx.cache is not None:  # the cache holds the n_kv_head heads only
             k, v = ctx.cache.update(k, v, self.layer_idx, {"cache_position": ctx.cache_position})
+        k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
         if self.attn_impl == "reference":
             out = reference_attention(q, k, v, self.softmax_float32, ctx.mask)
         else:

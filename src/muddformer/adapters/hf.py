@@ -36,6 +36,7 @@ _ATTRIBUTE_MAP = {
     "num_hidden_layers": "n_layer",
     "hidden_size": "dim",
     "num_attention_heads": "n_head",
+    "num_key_value_heads": "n_kv_head",
     "max_position_embeddings": "block_size",
 }
 # The name the installed transformers uses for the KV cache in forward's arguments and in its outputs.

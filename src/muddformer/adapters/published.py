@@ -81,6 +81,8 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
     problems = []
     if cfg.connection != "mudd":
         problems.append(f"connection={cfg.connection!r} (the published layout holds 'mudd' models)")
+    if cfg.n_kv_head != cfg.n_head:
+        problems.append(f"n_kv_head={cfg.n_kv_head} (the reference has no grouped-query attention)")
     if cfg.ffn_schedule != "linear":
         problems.append("ffn_schedule='constant' (the reference always uses the linear width schedule)")
     if cfg.is_sparse:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from muddformer.config import CONNECTIONS, DENSE_FAMILY, MuddConfig
+from muddformer.config import CONNECTIONS, MuddConfig
 from muddformer.connections.attn_residual import AttentionResidualConnection, BlockAttentionResidualConnection
 from muddformer.connections.base import Connection
 from muddformer.connections.dense import (
@@ -14,6 +14,7 @@ from muddformer.connections.dense import (
 )
 from muddformer.connections.hyper import HyperConnection, ManifoldHyperConnection
 from muddformer.connections.residual import ResidualConnection
+from muddformer.dense_options import DENSE_FAMILY
 
 REGISTRY: dict[str, type[Connection]] = {
     "residual": ResidualConnection,

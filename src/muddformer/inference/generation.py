@@ -123,7 +123,7 @@ def generate(
     cfg = model.config
     if cache == "static":
         dtype = next(model.parameters()).dtype
-        kv: Any = StaticKVCache(cfg.n_layer, B, cfg.n_head, cfg.head_dim, total, dtype, device)
+        kv: Any = StaticKVCache(cfg.n_layer, B, cfg.n_kv_head, cfg.head_dim, total, dtype, device)
         mask_buf = torch.zeros(B, total, dtype=torch.long, device=device)
         mask_buf[:, :P] = attention_mask
     else:

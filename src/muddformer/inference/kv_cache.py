@@ -45,13 +45,13 @@ class StaticKVCache:
         self,
         n_layer: int,
         batch: int,
-        n_head: int,
+        n_kv_head: int,
         head_dim: int,
         max_length: int,
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (batch, n_head, max_length, head_dim)
+        shape = (batch, n_kv_head, max_length, head_dim)
         self.max_length = max_length
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from muddformer.connections.dense import DenseConnection
 from muddformer.errors import InputError
-from muddformer.layers import ValueAdded
+from muddformer.layers import ValueAdded, repeat_kv
 
 STREAMS = ("q", "k", "v", "r")
 SINGLE = "x"  # the name of the one input of a block that reads a single state
@@ -145,6 +145,7 @@ class _Recorder:
         def hook(module, args):
             xq, xk, _, ctx = args
             q, k = module.queries_and_keys(xq, xk, ctx.rope)
+            k = repeat_kv(k, q.shape[1])
             is_sink = sink_mask(self.tokens, self.sink_ids, self.sink_positions)
             active, counted = head_activity(q, k, is_sink, self.sink_positions)
             self.active[layer] += active.cpu()
