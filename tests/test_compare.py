@@ -367,3 +367,24 @@ def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, caps
     assert summary["depth"]["difference"] == pytest.approx(gain_18 - summary["depth"]["gain_6"][0])
     mudd_row = next(line for line in printed.splitlines() if line.startswith("| mudd | "))
     assert " | 0.002 | " in mudd_row and "| 18 layers, dim 112 |" in printed  # its own LR; the depth row
+
+
+@pytest.mark.parametrize(
+    "means, decided",
+    [
+        ({"default": 5.00, "gen-lr-0.25": 5.10, "prepost": 4.995, "cap10": 5.02}, "default"),  # 0.005 < 0.01
+        ({"default": 5.00, "gen-lr-0.25": 5.10, "prepost": 4.98, "cap10": 4.985}, "prepost"),
+    ],
+)
+def test_mudd_recipe_report_applies_the_fixed_rule(tmp_path, capsys, means, decided):
+    for variant, mean in means.items():
+        (tmp_path / variant).mkdir()
+        finals = {"connections": {"mudd": {"final_val_loss": [mean - 0.01, mean + 0.01]}}}
+        (tmp_path / variant / "results.json").write_text(json.dumps(finals))
+    script = Path(__file__).parents[1] / "scripts" / "experiments" / "mudd_recipe_report.py"
+    argv, sys.argv = sys.argv, [str(script), str(tmp_path)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert f"decided: {decided} " in capsys.readouterr().out
