@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from muddformer.block_options import attention_windows, check_block_options, moe_layer_flags
 from muddformer.dense_options import check_dense_options, int_list, parse_dense_sources
 from muddformer.errors import ConfigError
 from muddformer.presets import PRESETS, RENAMED
@@ -29,7 +30,8 @@ MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # implemented
 # How a model computes rather than what (architecture, idea 7): a run may change them, e.g. on resume.
 # Fields that may be given as None (typed without it): __post_init__ derives them from the block family.
 DERIVED_FIELDS = ("intermediate_size", "norm_eps", "rotary_pct", "n_kv_head")
-EXECUTION_FIELDS = ("attn_impl", "mix_impl", "recompute_mix")
+# Weights of the training loss's extra terms: a run may change them too.
+EXECUTION_FIELDS = ("attn_impl", "mix_impl", "recompute_mix", "moe_aux_loss_weight", "moe_z_loss_weight")
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -63,6 +65,19 @@ class MuddConfig:
     rotary_pct: float = None  # type: ignore[assignment]  # share of head_dim that is rotated; None: 1.0 llama, 0.25 pythia
     use_qk_norm: bool = True  # per-head RMSNorm of q and k before RoPE (all released models)
     ffn_schedule: str = "linear"  # "linear": paper's width re-allocation 0.5x -> 1.5x over depth
+    # Sliding-window attention: a query sees the attn_window newest tokens, itself included (0: full causal).
+    attn_window: int = 0
+    attn_global_every: int = 0  # with a window, every k-th layer (k-1, 2k-1, ...) is global; 0: none by period
+    attn_global_layers: str = "none"  # with a window, these layers are global too, e.g. "0,-1"
+    # Mixture-of-experts feed-forward: top-k routing over moe_experts experts, dropless (0: a dense FFN).
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_intermediate_size: int = 0  # width of each expert; 0: intermediate_size // moe_top_k (active width = dense)
+    moe_shared_experts: int = 0  # experts every token passes through, of the expert width
+    moe_layers: str = "all"  # the layers whose FFN is a mixture, e.g. "1,3,5"; the others stay dense
+    moe_norm_topk: bool = True  # top-k gates renormalised to sum to 1 (Mixtral, Qwen3-MoE); False: raw softmax
+    moe_aux_loss_weight: float = 0.01  # load-balancing loss (Switch Transformer), added to the training loss
+    moe_z_loss_weight: float = 0.001  # router z-loss (ST-MoE): mean squared logsumexp of the router logits
     dense_round64: bool = True  # dense-connection generator width rounded up to the next 64-block
     dense_expand_last: bool = True  # last generator 4x wider
     dense_norm: str = "none"  # "prepost": PrePostDANorm of paper Eq. 10
@@ -185,6 +200,7 @@ class MuddConfig:
                 "sigmoid and Sinkhorn weights cannot start as a residual; use hyper_streams >= 2"
             )
         check_dense_options(self)
+        check_block_options(self)
         if self.dim % self.n_head:
             raise ConfigError(
                 f"MuddConfig.dim={self.dim} is not divisible by n_head={self.n_head}; "
@@ -249,6 +265,20 @@ class MuddConfig:
         ) != ("all", "all", "qkvr", 1, 1, 0)
 
     # ---- derived sizes ----------------------------------------------------------------------
+    @property
+    def attn_windows(self) -> list[int]:
+        """Each layer's attention window in tokens; 0 = global."""
+        return attention_windows(self)
+
+    @property
+    def moe_flags(self) -> list[bool]:
+        """Whether each layer's feed-forward is a mixture of experts."""
+        return moe_layer_flags(self)
+
+    @property
+    def moe_expert_width(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size // self.moe_top_k
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_head

@@ -14,12 +14,13 @@ DENSE_FAMILY = ("mudd", "ddformer", "denseformer", "mudd-static")  # connections
 DYNAMIC_DENSE = ("mudd", "ddformer")  # the dense connections with a weight generator
 
 
-def int_list(text: str, name: str) -> list[int]:
+def int_list(text: str, name: str, word: str = "all") -> list[int]:
+    """Comma-separated integers; `word` is the field's keyword for "no list" (the caller handles it)."""
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ConfigError(
-            f"MuddConfig.{name}={text!r} must be 'all' or comma-separated integers, e.g. '0,3,-1'"
+            f"MuddConfig.{name}={text!r} must be {word!r} or comma-separated integers, e.g. '0,3,-1'"
         ) from None
 
 

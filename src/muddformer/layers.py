@@ -77,14 +77,33 @@ class AttentionContext:
     rope: cos/sin at each query's position, (B or 1, T, rotary_dim/2, 2).
     mask: bool (B or 1, 1, T, S), True where a query may attend to a key; None means plain causal
         attention over the T tokens themselves (training, full forward).
+    window_mask: the same for layers with an attention window (None when no layer has one).
     cache: a KV cache with `update(k, v, layer_idx, cache_kwargs) -> (all_k, all_v)` (ours or a transformers
         Cache); cache_kwargs carries `cache_position`, the cache slots (T,) of these tokens.
+
+    Masks are laid out over the cache slots 0..S-1. A cache may hand back fewer keys for a windowed layer:
+    the newest ones (a trimmed dynamic cache), or any slots it names through `key_slots(layer_idx)` (a ring buffer).
     """
 
     rope: torch.Tensor
     mask: torch.Tensor | None = None
+    window_mask: torch.Tensor | None = None
     cache: Any = None
     cache_position: torch.Tensor | None = None
+
+
+def window_band(query_slots: torch.Tensor, key_slots: torch.Tensor, window: int) -> torch.Tensor:
+    """(T, S) True where a key is among the `window` newest tokens up to its query (itself included)."""
+    distance = query_slots[:, None] - key_slots[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def mask_for_keys(mask: torch.Tensor, n_keys: int, slots: torch.Tensor | None) -> torch.Tensor:
+    """The columns of a slot-layout mask for the keys a cache handed back: those at `slots` (-1: empty),
+    else the newest n_keys."""
+    if slots is not None:
+        return mask.index_select(-1, slots.clamp(min=0)) & (slots >= 0)
+    return mask if mask.shape[-1] == n_keys else mask[..., mask.shape[-1] - n_keys :]
 
 
 def reference_attention(
@@ -123,6 +142,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.head_dim, self.rotary_dim = cfg.n_head, cfg.head_dim, cfg.rotary_dim
         self.n_kv_head = cfg.n_kv_head
+        self.window = cfg.attn_windows[layer_idx]  # 0: global
         self.attn_impl, self.softmax_float32 = cfg.attn_impl, cfg.block == "llama"
         self.wq = nn.Linear(cfg.dim, cfg.dim, bias=bias)
         self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=bias)
@@ -155,14 +175,18 @@ class Attention(nn.Module):
         q, k = self.queries_and_keys(xq, xk, ctx.rope)
         v = self.wv(xv) if value_add is None else self.wv(xv) + value_add
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        mask = ctx.window_mask if self.window else ctx.mask
         if ctx.cache is not None:  # the cache holds the n_kv_head heads only
             k, v = ctx.cache.update(k, v, self.layer_idx, {"cache_position": ctx.cache_position})
+            if mask is not None:
+                key_slots = getattr(ctx.cache, "key_slots", None)
+                mask = mask_for_keys(mask, k.shape[2], key_slots(self.layer_idx) if key_slots else None)
         k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
         if self.attn_impl == "reference":
-            out = reference_attention(q, k, v, self.softmax_float32, ctx.mask)
+            out = reference_attention(q, k, v, self.softmax_float32, mask)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=1.0 / math.sqrt(self.head_dim)
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(self.head_dim)
             )
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 

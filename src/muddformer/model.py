@@ -15,7 +15,7 @@ from torch import nn
 from muddformer.config import MuddConfig
 from muddformer.connections import build_connection
 from muddformer.errors import InputError
-from muddformer.layers import AttentionContext, Block, RMSNorm, make_norm, rotary_table
+from muddformer.layers import AttentionContext, Block, RMSNorm, make_norm, rotary_table, window_band
 
 
 @dataclass
@@ -149,9 +149,11 @@ class MuddModel(nn.Module):
         cache_position: torch.Tensor | None,
     ) -> AttentionContext:
         T = input_ids.shape[1]
+        window = self.config.attn_window if any(self.config.attn_windows) else 0
         if cache_position is None:  # training and plain full forwards: causal over the T tokens
             rope = self.rope[:T][None] if position_ids is None else self.rope[position_ids]
-            return AttentionContext(rope=rope)
+            tokens = torch.arange(T, device=input_ids.device)
+            return AttentionContext(rope=rope, window_mask=window_band(tokens, tokens, window) if window else None)
         if position_ids is None:
             if attention_mask is not None:
                 counted = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -170,7 +172,10 @@ class MuddModel(nn.Module):
             mask = mask[:, None]
         else:
             mask = mask[None, None]
-        return AttentionContext(rope=self.rope[position_ids], mask=mask, cache=cache, cache_position=cache_position)
+        window_mask = mask & window_band(cache_position, slots, window) if window else None
+        return AttentionContext(
+            rope=self.rope[position_ids], mask=mask, window_mask=window_mask, cache=cache, cache_position=cache_position
+        )
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,10 @@ class MuddHFConfig(PreTrainedConfig):
 
     @classmethod
     def from_mudd(cls, cfg: MuddConfig) -> "MuddHFConfig":
-        return cls(**cfg.to_dict())
+        # transformers' names for the attention windows: its caches keep only a window's tokens for such layers.
+        windows = cfg.attn_windows
+        layer_types = ["sliding_attention" if w else "full_attention" for w in windows]
+        return cls(**cfg.to_dict(), sliding_window=cfg.attn_window or None, layer_types=layer_types)
 
     def mudd_config(self) -> MuddConfig:
         raw = self.to_dict()

@@ -83,6 +83,10 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
         problems.append(f"connection={cfg.connection!r} (the published layout holds 'mudd' models)")
     if cfg.n_kv_head != cfg.n_head:
         problems.append(f"n_kv_head={cfg.n_kv_head} (the reference has no grouped-query attention)")
+    if cfg.attn_window:
+        problems.append(f"attn_window={cfg.attn_window} (the reference has no sliding-window attention)")
+    if cfg.moe_experts:
+        problems.append(f"moe_experts={cfg.moe_experts} (the reference has no mixture of experts)")
     if cfg.ffn_schedule != "linear":
         problems.append("ffn_schedule='constant' (the reference always uses the linear width schedule)")
     if cfg.is_sparse:

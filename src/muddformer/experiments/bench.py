@@ -227,7 +227,7 @@ def run_bench(bc: BenchConfig) -> dict:
     def prefill(model):
         def run():
             with torch.no_grad():
-                model(ids, cache=KVCache(model.config.n_layer))
+                model(ids, cache=KVCache(model.config.n_layer, model.config.attn_windows))
 
         return run
 

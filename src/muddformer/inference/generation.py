@@ -123,11 +123,13 @@ def generate(
     cfg = model.config
     if cache == "static":
         dtype = next(model.parameters()).dtype
-        kv: Any = StaticKVCache(cfg.n_layer, B, cfg.n_kv_head, cfg.head_dim, total, dtype, device)
+        kv: Any = StaticKVCache(
+            cfg.n_layer, B, cfg.n_kv_head, cfg.head_dim, total, dtype, device, windows=cfg.attn_windows
+        )
         mask_buf = torch.zeros(B, total, dtype=torch.long, device=device)
         mask_buf[:, :P] = attention_mask
     else:
-        kv = KVCache(cfg.n_layer)
+        kv = KVCache(cfg.n_layer, cfg.attn_windows)
     was_training = model.training
     model.eval()
     logits = model(

@@ -20,8 +20,10 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10
 
 
 def flops_per_token(cfg: MuddConfig, params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding parameters plus attention (PaLM appendix B)."""
-    return 6 * (params - cfg.vocab_size * cfg.dim) + 12 * cfg.n_layer * cfg.dim * seq_len
+    """Training FLOPs per token: 6 x non-embedding parameters plus attention (PaLM appendix B), each layer's
+    attention over at most its window."""
+    context = sum(min(seq_len, window) if window else seq_len for window in cfg.attn_windows)
+    return 6 * (params - cfg.vocab_size * cfg.dim) + 12 * cfg.dim * context
 
 
 def peak_flops(device: torch.device) -> float | None:

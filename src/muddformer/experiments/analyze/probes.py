@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from muddformer.connections.dense import DenseConnection
 from muddformer.errors import InputError
-from muddformer.layers import ValueAdded, repeat_kv
+from muddformer.layers import ValueAdded, repeat_kv, window_band
 
 STREAMS = ("q", "k", "v", "r")
 SINGLE = "x"  # the name of the one input of a block that reads a single state
@@ -28,12 +28,13 @@ CHUNK_ELEMENTS = 1 << 22  # attention probabilities computed at once: 16 MiB of 
 
 
 # ---- measuring a model ----------------------------------------------------------------------------
-def causal_probs(q: torch.Tensor, k: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) with the causal mask, float32, for query rows [start, stop): (B, H, rows, T)."""
+def causal_probs(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, window: int = 0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) with the causal mask (and the layer's attention window, 0: none), float32,
+    for query rows [start, stop): (B, H, rows, T)."""
     scores = (q[:, :, start:stop].float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    rows = torch.arange(start, stop, device=q.device)[:, None]
-    future = torch.arange(k.shape[-2], device=q.device)[None, :] > rows
-    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    rows = torch.arange(start, stop, device=q.device)
+    visible = window_band(rows, torch.arange(k.shape[-2], device=q.device), window or k.shape[-2])
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
 
 
 def sink_mask(tokens: torch.Tensor, sink_token_ids: Iterable[int], sink_positions: int) -> torch.Tensor:
@@ -45,7 +46,7 @@ def sink_mask(tokens: torch.Tensor, sink_token_ids: Iterable[int], sink_position
 
 
 def head_activity(
-    q: torch.Tensor, k: torch.Tensor, is_sink: torch.Tensor, sink_positions: int
+    q: torch.Tensor, k: torch.Tensor, is_sink: torch.Tensor, sink_positions: int, window: int = 0
 ) -> tuple[torch.Tensor, int]:
     """Active (head, query) pairs per head (H,) and the pairs counted per head; query positions below
     `sink_positions` are left out. A pair is active when its largest attention weight is not on a sink."""
@@ -56,7 +57,7 @@ def head_activity(
     sinks = is_sink[:, None, :].expand(B, H, T)
     for start in range(sink_positions, T, rows):
         stop = min(T, start + rows)
-        top = causal_probs(q, k, start, stop).argmax(-1)  # (B, H, rows); ties go to the earliest key
+        top = causal_probs(q, k, start, stop, window).argmax(-1)  # (B, H, rows); ties go to the earliest key
         active += (~torch.gather(sinks, 2, top)).sum((0, 2)).double()
     return active, B * max(0, T - sink_positions)
 
@@ -147,7 +148,7 @@ class _Recorder:
             q, k = module.queries_and_keys(xq, xk, ctx.rope)
             k = repeat_kv(k, q.shape[1])
             is_sink = sink_mask(self.tokens, self.sink_ids, self.sink_positions)
-            active, counted = head_activity(q, k, is_sink, self.sink_positions)
+            active, counted = head_activity(q, k, is_sink, self.sink_positions, module.window)
             self.active[layer] += active.cpu()
             self.counted[layer] += counted
 
