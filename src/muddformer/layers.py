@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from muddformer.config import MuddConfig
+from muddformer.moe import MoEFeedForward
 
 TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -252,7 +253,7 @@ class Block(nn.Module):
             self.attention_norm = make_norm(cfg)
         self.attention = Attention(cfg, layer_idx)
         mlp = SwiGLU if cfg.block == "llama" else GeluMLP
-        self.feed_forward = mlp(cfg.dim, ffn_width)
+        self.feed_forward: nn.Module = MoEFeedForward(cfg) if cfg.moe_flags[layer_idx] else mlp(cfg.dim, ffn_width)
         self.ffn_norm = make_norm(cfg)
         self.parallel_residual = cfg.block == "pythia"
 

@@ -16,14 +16,18 @@ from muddformer.config import MuddConfig
 from muddformer.connections import build_connection
 from muddformer.errors import InputError
 from muddformer.layers import AttentionContext, Block, RMSNorm, make_norm, rotary_table, window_band
+from muddformer.moe import MoEFeedForward, inactive_parameters
 
 
 @dataclass
 class CausalLMOutput:
-    """logits (B, T, vocab) and, when labels were given, the mean shifted next-token loss."""
+    """logits (B, T, vocab); with labels, the mean shifted next-token loss; with experts, `aux_loss`: the
+    router losses weighted by moe_aux_loss_weight and moe_z_loss_weight, summed over layers, for training
+    to add (it is not in `loss`, which stays the language-model loss)."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class MuddModel(nn.Module):
@@ -61,6 +65,8 @@ class MuddModel(nn.Module):
                     nn.init.normal_(module.weight, std=self.config.init_std)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, MoEFeedForward):
+                module.reset_parameters(self.config.init_method, self.config.init_std)
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 nn.init.zeros_(bias)
@@ -138,7 +144,21 @@ class MuddModel(nn.Module):
             conn.run_block(state, layer, cast(Block, block), ctx)
         logits = self.output(self.norm(conn.output(state)))
         loss = None if labels is None else causal_lm_loss(logits, labels)
-        return CausalLMOutput(logits=logits, loss=loss)
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=self.router_loss())
+
+    def router_loss(self) -> torch.Tensor | None:
+        """The weighted router losses of the last forward, summed over the mixture-of-experts layers."""
+        cfg, total = self.config, None
+        for ffn in self.experts():
+            assert ffn.balance_loss is not None and ffn.z_loss is not None
+            term = cfg.moe_aux_loss_weight * ffn.balance_loss + cfg.moe_z_loss_weight * ffn.z_loss
+            total = term if total is None else total + term
+        return total
+
+    def experts(self) -> list[MoEFeedForward]:
+        """The mixture-of-experts feed-forwards, by layer (empty for a dense model)."""
+        ffns = [cast(Block, block).feed_forward for block in self.layers]
+        return [ffn for ffn in ffns if isinstance(ffn, MoEFeedForward)]
 
     def attention_context(
         self,
@@ -185,6 +205,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return next_token_loss(logits[:, :-1], labels[:, 1:])
 
 
+def training_loss(out: CausalLMOutput) -> torch.Tensor:
+    """What training minimises: the language-model loss plus the weighted router losses of any experts."""
+    assert out.loss is not None, "training_loss needs an output computed with labels"
+    return out.loss if out.aux_loss is None else out.loss + out.aux_loss
+
+
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean float32 cross-entropy of logits (B, T, V) against already-shifted targets (B, T); -100 ignored."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
@@ -201,7 +227,12 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
     core = model if isinstance(model, MuddModel) else model.model
     assert isinstance(core, MuddModel)
     dense = sum(p.numel() for p in core.connection.parameters())
-    return {"total": total, "dense": dense, "dense_pct": 100.0 * dense / total if total else 0.0}
+    return {
+        "total": total,
+        "active": total - inactive_parameters(core.config),
+        "dense": dense,
+        "dense_pct": 100.0 * dense / total if total else 0.0,
+    }
 
 
 def copy_shared_weights(src: MuddModel, dst: MuddModel) -> list[str]:

@@ -160,6 +160,17 @@ for _name, _form in (("last2", last2_mudd), ("speedrun", speedrun_mudd)):
 # Presets renamed since: the name a user may still type, and what it became.
 RENAMED = {f"mudd-trimmed-{size}": f"mudd-last2-{size}" for size in ("tiny", "small")}
 RENAMED["muddformer-trimmed-405m"] = "muddformer-last2-405m"
+# Mixture of experts: the paper's MoE comparison (1.8B total, ~405M active: 16 experts of width 1408, top-2, in
+# every layer of the 405M shape) and small CPU ones (8 experts, top-2, active FFN width that of the dense model).
+# Every layer is a mixture, so the FFN width schedule has nothing to act on: constant.
+_MOE_PAPER = dict(moe_experts=16, moe_top_k=2, moe_intermediate_size=1408, ffn_schedule="constant")
+PRESETS["tfm++-moe-1.8b-a405m"] = dict(_PILE, block="llama", **_SCALING["405m"], **{**_TFMPP, **_MOE_PAPER})
+PRESETS["muddformer-moe-1.8b-a405m"] = dict(
+    _PILE, block="llama", use_qk_norm=False, **_SCALING["405m"], **{**_MUDD, **_MOE_PAPER}, dense_norm="prepost"
+)
+_MOE_CPU = dict(moe_experts=8, moe_top_k=2, ffn_schedule="constant")
+PRESETS["moe-tiny"] = dict(block="llama", **_CPU["tiny"], **{**_MUDD, **_MOE_CPU})
+PRESETS["tfm++-moe-tiny"] = dict(block="llama", **_CPU["tiny"], **{**_TFMPP, **_MOE_CPU})
 PRESETS["muddpythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_MUDD)
 PRESETS["pythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_TFMPP)
 
@@ -167,6 +178,8 @@ PRESETS["pythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_TFMPP)
 def _recipe_of(preset: str) -> str:
     if "-speedrun-" in preset:  # the record's settings for the MUDD parameters on the size's own recipe
         return "paper-405m-speedrun" if preset.endswith("-405m") else "cpu-speedrun"
+    if preset.endswith("-moe-1.8b-a405m"):  # the 405M model's compute per token
+        return "paper-405m"
     if preset in ("muddformer-2.8b", "tfm++-2.8b"):
         return "muddformer-2.8b"
     for size in ("1.4b", "2.8b"):

@@ -46,6 +46,19 @@ def group_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return out
 
 
+def expert_load(model) -> dict[str, float]:
+    """`moe/{layer}/load/{expert}`: each routed expert's share of the last forward's assignments times the
+    number of experts (1 = balanced), and `moe/{layer}/max_load`, the busiest expert's."""
+    out: dict[str, float] = {}
+    for layer, block in enumerate(model.layers):
+        load = getattr(block.feed_forward, "load", None)
+        if load is not None:
+            scaled = (load * load.numel()).tolist()
+            out.update({f"moe/{layer}/load/{e}": share for e, share in enumerate(scaled)})
+            out[f"moe/{layer}/max_load"] = max(scaled)
+    return out
+
+
 class SpikeWatch:
     """Flags a logged loss more than max(0.5, 4 std) above the mean of the recent ones, or a dense weight
     beyond BLOWUP, with the layer and stream holding the largest dense weight."""

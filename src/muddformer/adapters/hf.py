@@ -29,7 +29,7 @@ from muddformer.adapters.published import config_from_published, is_published
 from muddformer.compat import is_cache_object, transformers_cache_name
 from muddformer.config import MuddConfig
 from muddformer.errors import DependencyError, InputError
-from muddformer.model import MuddModel
+from muddformer.model import MuddModel, training_loss
 
 # transformers' generic names for our sizes (used by its caches and utilities).
 _ATTRIBUTE_MAP = {
@@ -148,7 +148,8 @@ class MuddForCausalLM(PreTrainedModel, GenerationMixin):
         logits = out.logits
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(loss=out.loss, logits=logits, **{CACHE_NAME: cache})
+        loss = training_loss(out) if self.training and out.loss is not None else out.loss  # router losses in training
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache})
 
     @classmethod
     def from_pretrained(

@@ -25,14 +25,26 @@ def run(args: argparse.Namespace) -> int:
     for key, value in cfg.to_dict().items():
         print(f"  {key:<{width}}  {value}")
     print(f"  {'head_dim':<{width}}  {cfg.head_dim}")
-    print(f"  {'ffn_widths':<{width}}  {_compact(cfg.ffn_widths)}")
+    dense_widths = [w for w, moe in zip(cfg.ffn_widths, cfg.moe_flags) if not moe]
+    if dense_widths:
+        print(f"  {'ffn_widths':<{width}}  {_compact(dense_widths)}{'  (dense layers)' if any(cfg.moe_flags) else ''}")
+    if any(cfg.moe_flags):
+        experts = f"{cfg.moe_experts} x {cfg.moe_expert_width}, top-{cfg.moe_top_k}"
+        shared = f", {cfg.moe_shared_experts} shared" if cfg.moe_shared_experts else ""
+        print(f"  {'experts':<{width}}  {experts}{shared} in layers {_compact_layers(cfg.moe_flags)}")
     print("parameters")
     print(f"  total            {counts['total']:>15,}")
+    if counts["active"] != counts["total"]:
+        print(f"  active per token {counts['active']:>15,}  (routed experts a token is not sent to left out)")
     print(f"  embedding        {counts['embedding']:>15,}")
     print(f"  blocks           {counts['blocks']:>15,}")
     print(f"  head             {counts['head']:>15,}")
     print(f"  dense connection {counts['dense']:>15,}  ({counts['dense_pct']:.3f} % of total)")
     return 0
+
+
+def _compact_layers(flags: list[bool]) -> str:
+    return "all" if all(flags) else ",".join(str(layer) for layer, on in enumerate(flags) if on)
 
 
 def _compact(values: list[int]) -> str:

@@ -22,7 +22,7 @@ from muddformer.errors import InputError
 from muddformer.inference.generation import generate
 from muddformer.inference.kv_cache import KVCache
 from muddformer.kernels.depth_mix import UNBUFFERED, DepthBuffer, depth_mix_buffered
-from muddformer.model import MuddModel, count_parameters
+from muddformer.model import MuddModel, count_parameters, training_loss
 from muddformer.options import DTYPES, option
 from muddformer.training.config import parse_set_item
 from muddformer.training.metrics import environment
@@ -116,7 +116,7 @@ def train_step_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Non
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step() -> None:
-        model(ids, labels=ids).loss.backward()
+        training_loss(model(ids, labels=ids)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -209,7 +209,7 @@ def run_bench(bc: BenchConfig) -> dict:
     # Memory first, on fresh models: activations saved for backward (exact), and CUDA peak.
     params = {p.untyped_storage().data_ptr() for m in models.values() for p in m.parameters()}
     for name, model in models.items():
-        results[name]["saved_bytes"] = saved_activation_bytes(lambda: model(ids, labels=ids).loss, params)
+        results[name]["saved_bytes"] = saved_activation_bytes(lambda: training_loss(model(ids, labels=ids)), params)
         model.zero_grad(set_to_none=True)
     compiled = {name: torch.compile(m) if bc.compile else m for name, m in models.items()}
     steps = {name: train_step_fn(m, ids) for name, m in compiled.items()}

@@ -13,6 +13,7 @@ import torch
 from muddformer import __version__
 from muddformer._utils import atomic_path
 from muddformer.config import MuddConfig
+from muddformer.moe import inactive_parameters
 from muddformer.plotting import pyplot, save_png
 
 # Dense bf16 tensor-core peak per GPU: MFU is reported against it (also for float32 runs).
@@ -20,10 +21,10 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10
 
 
 def flops_per_token(cfg: MuddConfig, params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding parameters plus attention (PaLM appendix B), each layer's
-    attention over at most its window."""
+    """Training FLOPs per token: 6 x the non-embedding parameters a token passes through (all but the routed
+    experts it is not sent to) plus attention (PaLM appendix B), each layer's over at most its window."""
     context = sum(min(seq_len, window) if window else seq_len for window in cfg.attn_windows)
-    return 6 * (params - cfg.vocab_size * cfg.dim) + 12 * cfg.dim * context
+    return 6 * (params - inactive_parameters(cfg) - cfg.vocab_size * cfg.dim) + 12 * cfg.dim * context
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -33,7 +33,7 @@ from muddformer.data.tokenizers import load_tokenizer
 from muddformer.errors import MuddError
 from muddformer.inference.generation import sample_generate
 from muddformer.model import MuddModel, count_parameters, next_token_loss
-from muddformer.telemetry import SpikeWatch, group_grad_norms
+from muddformer.telemetry import SpikeWatch, expert_load, group_grad_norms
 from muddformer.training.checkpointing import list_checkpoints, resume_latest, save_checkpoint
 from muddformer.training.config import TrainConfig, model_config, validate
 from muddformer.training.metrics import RunLog, environment, flops_per_token, peak_flops, plot_losses
@@ -176,11 +176,15 @@ class Trainer:
             )
             sync = micro == tc.grad_accum - 1 or not hasattr(self.model, "no_sync")
             with nullcontext() if sync else self.model.no_sync(), self.autocast():
-                loss = next_token_loss(self.model(x.to(info.device)).logits, y.to(info.device)) / tc.grad_accum
-            loss.backward()
+                out = self.model(x.to(info.device))
+                loss = next_token_loss(out.logits, y.to(info.device)) / tc.grad_accum
+            # Experts add their weighted router losses to what is trained; the logged loss stays the LM loss.
+            (loss if out.aux_loss is None else loss + out.aux_loss / tc.grad_accum).backward()
             loss_sum += loss.detach()
             if micro == 0:
                 dense_stats = core.connection.telemetry or {}
+                if logging and out.aux_loss is not None:
+                    dense_stats = {**dense_stats, "moe/router_loss": out.aux_loss.item(), **expert_load(core)}
         core.connection.telemetry = None
         group_norms = group_grad_norms(self.optimizer) if logging and tc.telemetry else {}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
