@@ -26,6 +26,7 @@ DENSE_MIXES = ("replace", "add")
 TABLE_DTYPES = ("float32", "bfloat16", "float16")
 INIT_METHODS = ("normal", "xavier")
 ATTN_IMPLS = ("sdpa", "reference")
+ROPE_SCALINGS = ("none", "llama3")
 MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # implemented in kernels/depth_mix.py
 # How a model computes rather than what (architecture, idea 7): a run may change them, e.g. on resume.
 # Fields that may be given as None (typed without it): __post_init__ derives them from the block family.
@@ -60,6 +61,13 @@ class MuddConfig:
     block_size: int = 256  # context length (positions covered by the rotary table)
     norm_eps: float = None  # type: ignore[assignment]  # None: 1e-6 llama, 1e-5 pythia
     rope_base: float = 10000.0
+    # "llama3": Llama 3.1's frequency-dependent stretch of the rotary frequencies (converted Llama 3 checkpoints)
+    rope_scaling: str = "none"
+    rope_factor: float = 8.0  # llama3: long wavelengths divided by this
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are stretched fully
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
+    rope_original_max_position: int = 8192  # llama3: the context the frequencies were trained for
+    qkv_bias: bool = False  # biases on the q, k and v projections of the llama block (Qwen2)
     block: str = "llama"
     connection: str = "mudd"
     rotary_pct: float = None  # type: ignore[assignment]  # share of head_dim that is rotated; None: 1.0 llama, 0.25 pythia
@@ -169,6 +177,7 @@ class MuddConfig:
             ("rope_table_dtype", TABLE_DTYPES),
             ("init_method", INIT_METHODS),
             ("attn_impl", ATTN_IMPLS),
+            ("rope_scaling", ROPE_SCALINGS),
             ("mix_impl", MIX_IMPLS),
         ):
             if getattr(self, name) not in choices:

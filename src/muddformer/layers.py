@@ -48,9 +48,21 @@ def rotary_table(cfg: MuddConfig, device: torch.device | str | None = None) -> t
     """
     n = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, n, 2, device=device)[: n // 2].float() / n))
+    if cfg.rope_scaling == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, cfg)
     angles = torch.outer(torch.arange(cfg.block_size, device=device).float(), inv_freq)
     table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
     return table.to(TABLE_DTYPES[cfg.rope_table_dtype]).float()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, cfg: MuddConfig) -> torch.Tensor:
+    """Llama 3.1's rotary scaling: wavelengths longer than original / low_freq_factor are divided by `factor`,
+    shorter than original / high_freq_factor kept, and those between blended linearly in original / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    ratio = cfg.rope_original_max_position / wavelength
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    blend = ((ratio - low) / (high - low)).clamp(0, 1)  # 0: fully stretched, 1: kept
+    return (1 - blend) * inv_freq / cfg.rope_factor + blend * inv_freq
 
 
 def apply_rotary(x: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch.Tensor:
@@ -145,9 +157,10 @@ class Attention(nn.Module):
         self.n_kv_head = cfg.n_kv_head
         self.window = cfg.attn_windows[layer_idx]  # 0: global
         self.attn_impl, self.softmax_float32 = cfg.attn_impl, cfg.block == "llama"
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=bias)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=bias)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=bias)
+        qkv_bias = bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=bias)
         self.q_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.use_qk_norm else None
         self.k_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.use_qk_norm else None

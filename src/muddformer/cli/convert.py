@@ -1,15 +1,29 @@
-"""`mudd convert`: a model folder rewritten in our format or the published one."""
+"""`mudd convert`: a model folder rewritten in our format or the published one; a transformers checkpoint
+(Llama, Qwen2, Qwen3, GPT-NeoX/Pythia) converted into our model, with MUDD or any connection added."""
 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
+import shutil
 
-from muddformer.adapters.folders import load_model, save_model
+from muddformer.adapters.folders import load_model, read_folder_raw_config, save_model
+from muddformer.adapters.transformers_checkpoints import (
+    FAMILIES,
+    is_transformers_checkpoint,
+    load_transformers_model,
+)
+from muddformer.config import CONNECTIONS
+from muddformer.errors import InputError
 from muddformer.options import DTYPES
+from muddformer.training.config import parse_set
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="model folder to read (ours or published)")
+    p.add_argument("src", help=f"model folder to read: ours, published, or a transformers {'/'.join(FAMILIES)} one")
     p.add_argument("dst", help="folder to write")
     p.add_argument("--published-format", action="store_true", help="write the layout the reference code reads")
     p.add_argument(
@@ -19,9 +33,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weights dtype to write (default: as stored; bfloat16 for --published-format)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="split weights into shards above this size (default 5GB)")
+    p.add_argument(
+        "--connection",
+        choices=CONNECTIONS,
+        default=None,
+        help="transformers checkpoints: the connection to add (default residual); it starts at the identity, "
+        "so the converted model computes the original's logits",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="transformers checkpoints: MuddConfig fields of the added connection, e.g. dense_layers=-2",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    raw = read_folder_raw_config(args.src)
+    overrides = parse_set(args.set)
+    if args.connection:
+        overrides["connection"] = args.connection
+    if is_transformers_checkpoint(raw):
+        model = load_transformers_model(args.src, **overrides)
+        save_model(model, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype)
+        for name in TOKENIZER_FILES:  # so the folder tokenizes as the original did
+            for path in glob.glob(os.path.join(args.src, name)):
+                shutil.copy(path, args.dst)
+        print(f"wrote {args.dst} ({raw['model_type']} -> muddformer, connection {model.config.connection})")
+        return 0
+    if overrides:
+        raise InputError("--connection and --set apply to transformers checkpoints; this folder is a MUDD model")
     model = load_model(args.src, dtype="auto")
     save_model(
         model, args.dst, published_format=args.published_format, max_shard_size=args.max_shard_size, dtype=args.dtype

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from muddformer.adapters.folders import load_config
 from muddformer.config import CONNECTIONS, MuddConfig
 from muddformer.data.shards import TokenData
 from muddformer.errors import ConfigError, DataError
@@ -24,6 +25,11 @@ class TrainConfig:
     """Every option of a training run; each field is a `mudd train` flag (muddformer.options)."""
 
     preset: str = option("tiny", help="model preset (see `mudd presets`; default tiny)")
+    init_from: str | None = option(
+        None,
+        help="start from a model folder's weights (ours, published or `mudd convert`ed); its config replaces the "
+        "preset's, --set/--connection change it (a new connection starts at the identity)",
+    )
     config: str | None = option(None, help="YAML or JSON file of MuddConfig fields overriding the preset")
     set: list[str] = option(factory=list, metavar="FIELD=VALUE", help="override one MuddConfig field (repeatable)")
     connection: str | None = option(None, choices=CONNECTIONS, help="override the preset's connection")
@@ -126,6 +132,8 @@ def model_config(tc: TrainConfig) -> MuddConfig:
     overrides.update(parse_set(tc.set))
     if tc.connection:
         overrides["connection"] = tc.connection
+    if tc.init_from:
+        return load_config(tc.init_from).replace(**overrides)
     return MuddConfig.from_preset(tc.preset, **overrides)
 
 

@@ -26,13 +26,14 @@ import torch
 from tqdm import tqdm
 
 from muddformer._utils import atomic_path, write_json_atomic
+from muddformer.adapters.folders import load_model
 from muddformer.config import MuddConfig
 from muddformer.data.batches import eval_windows, iter_eval_batches, sample_batch
 from muddformer.data.shards import TokenData, bundled_data_dir
 from muddformer.data.tokenizers import load_tokenizer
 from muddformer.errors import MuddError
 from muddformer.inference.generation import sample_generate
-from muddformer.model import MuddModel, count_parameters, next_token_loss
+from muddformer.model import MuddModel, copy_shared_weights, count_parameters, next_token_loss
 from muddformer.telemetry import SpikeWatch, expert_load, group_grad_norms
 from muddformer.training.checkpointing import list_checkpoints, resume_latest, save_checkpoint
 from muddformer.training.config import TrainConfig, model_config, validate
@@ -55,6 +56,16 @@ class StepResult:
     grad_norm: torch.Tensor
     lr: float
     telemetry: dict = field(default_factory=dict)
+
+
+def start_from(core: MuddModel, folder: str) -> None:
+    """The weights of a model folder; with another connection (or dense options) the body weights only."""
+    src = load_model(folder)
+    with torch.no_grad():
+        if src.config.architecture() == core.config.architecture():
+            core.load_state_dict(src.state_dict())
+        else:
+            copy_shared_weights(src, core)
 
 
 def train(tc: TrainConfig) -> dict:
@@ -96,6 +107,8 @@ class Trainer:
         self.say = print if info.is_main else (lambda *a, **k: None)
         torch.manual_seed(tc.seed)
         self.core = MuddModel(cfg).to(info.device)
+        if tc.init_from:  # a resumed run's checkpoint overrides these below
+            start_from(self.core, tc.init_from)
         self.counts = count_parameters(self.core)
         lowp = tc.dtype == "bfloat16"
         self.model = parallelize(

@@ -1,0 +1,186 @@
+"""Checkpoints of transformers' own decoder families (Llama, Qwen2, Qwen3, GPT-NeoX/Pythia) as our models.
+
+A local folder with config.json and safetensors becomes a residual model of ours that computes the same
+function; with another connection (`mudd`, sparse options, a rival) the body weights are the same and the
+connection starts at its identity, so the converted model still computes exactly the original at the start.
+Anything the model family cannot express is refused with a message naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from muddformer.adapters.folders import read_folder_raw_config, read_tensors
+from muddformer.config import MuddConfig
+from muddformer.errors import CheckpointError
+from muddformer.model import MuddModel, copy_shared_weights
+
+LLAMA_LIKE = ("llama", "qwen2", "qwen3")
+FAMILIES = (*LLAMA_LIKE, "gpt_neox")
+# transformers' per-layer names -> ours, for the llama-like families (q/k/v biases and q/k norms when present).
+_LLAMA_LAYER = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_NEOX_LAYER = {
+    "attention.dense": "attention.wo",
+    "mlp.dense_h_to_4h": "feed_forward.w1",
+    "mlp.dense_4h_to_h": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def is_transformers_checkpoint(raw: dict) -> bool:
+    return raw.get("model_type") in FAMILIES and "mudd_format" not in raw
+
+
+def _rope(raw: dict) -> dict[str, Any]:
+    """Rotary options from transformers 5's `rope_parameters` or 4's `rope_theta` / `rope_scaling`."""
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", raw.get("rope_theta", raw.get("rotary_emb_base", 10000.0)))
+    out: dict[str, Any] = {"rope_base": float(theta)}
+    if kind == "llama3":
+        out.update(
+            rope_scaling="llama3",
+            rope_factor=float(params["factor"]),
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_position=int(params["original_max_position_embeddings"]),
+        )
+    elif kind != "default":
+        raise CheckpointError(f"rope type {kind!r} cannot be converted; supported: default, llama3")
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", raw.get("rotary_pct")))
+    if partial is not None:
+        out["rotary_pct"] = float(partial)
+    return out
+
+
+def _windows(raw: dict) -> dict[str, Any]:
+    """Qwen2/Qwen3 sliding-window layers as attn_window with the full-attention layers listed as global."""
+    types = raw.get("layer_types")
+    if not raw.get("use_sliding_window") or not types or "sliding_attention" not in types:
+        return {}
+    full = [str(layer) for layer, kind in enumerate(types) if kind == "full_attention"]
+    return {"attn_window": int(raw["sliding_window"]), "attn_global_layers": ",".join(full) or "none"}
+
+
+def config_from_transformers(raw: dict, **overrides: Any) -> MuddConfig:
+    """Our residual config for a transformers config.json dict (then `overrides`, e.g. connection="mudd")."""
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        raise CheckpointError(f"model_type {family!r} cannot be converted; supported: {', '.join(FAMILIES)}")
+    dim, heads = raw["hidden_size"], raw["num_attention_heads"]
+    if raw.get("head_dim") not in (None, dim // heads):
+        raise CheckpointError(
+            f"head_dim={raw['head_dim']} differs from hidden_size / num_attention_heads = {dim // heads}; "
+            "our attention has head_dim = dim / n_head"
+        )
+    act = raw.get("hidden_act", "silu")
+    if act != ("gelu" if family == "gpt_neox" else "silu"):
+        raise CheckpointError(f"hidden_act={act!r} cannot be converted for {family} (ours: silu, gelu for gpt_neox)")
+    if raw.get("mlp_bias") or (family in ("llama", "qwen3") and raw.get("attention_bias")):
+        raise CheckpointError(
+            "attention_bias / mlp_bias on a llama-like model cannot be converted (only Qwen2's q/k/v)"
+        )
+    if family == "gpt_neox" and not raw.get("use_parallel_residual", True):
+        raise CheckpointError("use_parallel_residual=False cannot be converted: our pythia block is parallel")
+    fields: dict[str, Any] = dict(
+        vocab_size=raw["vocab_size"],
+        n_layer=raw["num_hidden_layers"],
+        dim=dim,
+        n_head=heads,
+        n_kv_head=raw.get("num_key_value_heads") or heads,
+        intermediate_size=raw["intermediate_size"],
+        block_size=raw.get("max_position_embeddings", 2048),
+        block="pythia" if family == "gpt_neox" else "llama",
+        connection="residual",
+        ffn_schedule="constant",
+        use_qk_norm=family == "qwen3",
+        qkv_bias=family == "qwen2",
+        norm_eps=float(raw.get("layer_norm_eps" if family == "gpt_neox" else "rms_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        rotary_pct=1.0,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id") if isinstance(raw.get("eos_token_id"), int) else None,
+    )
+    fields.update(_rope(raw), **_windows(raw))
+    return MuddConfig(**{**fields, **overrides})
+
+
+def state_from_transformers(family: str, tensors: dict[str, torch.Tensor], cfg: MuddConfig) -> dict[str, torch.Tensor]:
+    """transformers' tensors under our names (GPT-NeoX's fused q/k/v split per head)."""
+    prefix, layer_map = ("gpt_neox.", _NEOX_LAYER) if family == "gpt_neox" else ("model.", _LLAMA_LAYER)
+    top = {"embed_in": "tok_embeddings", "embed_tokens": "tok_embeddings", "final_layer_norm": "norm", "norm": "norm"}
+    out: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        if name.startswith(("lm_head.", "embed_out.")):
+            out["output." + name.split(".", 1)[1]] = value
+            continue
+        if not name.startswith(prefix):
+            raise CheckpointError(f"tensor {name!r} is not part of a {family} model; cannot convert it")
+        rest = name[len(prefix) :]
+        module, _, leaf = rest.rpartition(".")
+        if module in top:
+            out[f"{top[module]}.{leaf}"] = value
+            continue
+        parts = module.split(".", 2)  # layers.{i}.{module}
+        if len(parts) < 3 or parts[0] != "layers":
+            raise CheckpointError(f"tensor {name!r} has no counterpart in our model; cannot convert it")
+        layer, sub = parts[1], parts[2]
+        if family == "gpt_neox" and sub == "attention.query_key_value":
+            heads = value.view(cfg.n_head, 3, cfg.head_dim, *value.shape[1:])
+            for i, ours in enumerate(("wq", "wk", "wv")):
+                out[f"layers.{layer}.attention.{ours}.{leaf}"] = heads[:, i].reshape(cfg.dim, *value.shape[1:])
+        elif sub in layer_map:
+            out[f"layers.{layer}.{layer_map[sub]}.{leaf}"] = value
+        elif not sub.endswith("rotary_emb"):
+            raise CheckpointError(f"tensor {name!r} has no counterpart in our model; cannot convert it")
+    return out
+
+
+def load_transformers_model(folder: str, dtype: torch.dtype = torch.float32, **overrides: Any) -> MuddModel:
+    """A transformers checkpoint folder as our model: residual by default; `connection=...` (and any other
+    config override) builds that model with the same body weights, its connection at the identity."""
+    raw = read_folder_raw_config(folder)
+    residual_cfg = config_from_transformers(raw)
+    residual = MuddModel(residual_cfg).to(dtype)
+    state = state_from_transformers(raw["model_type"], read_tensors(folder), residual_cfg)
+    if residual_cfg.tie_word_embeddings:
+        state.pop("output.weight", None)
+    expected = residual.state_dict()
+    if residual_cfg.tie_word_embeddings:
+        expected.pop("output.weight")
+    missing = [k for k in expected if k not in state and not _zero_bias(k, residual_cfg)]
+    if missing or set(state) - set(expected):
+        name = missing[0] if missing else sorted(set(state) - set(expected))[0]
+        raise CheckpointError(f"{folder}: tensor {name!r} does not match the converted {raw['model_type']} model")
+    with torch.no_grad():
+        for name, value in state.items():
+            if tuple(value.shape) != tuple(expected[name].shape):
+                raise CheckpointError(
+                    f"{folder}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}"
+                )
+            expected[name].copy_(value)
+    if not overrides:
+        return residual.eval()
+    model = MuddModel(config_from_transformers(raw, **overrides)).to(dtype)
+    copy_shared_weights(residual, model)
+    return model.eval()
+
+
+def _zero_bias(name: str, cfg: MuddConfig) -> bool:
+    # GPT-NeoX without attention_bias: our pythia block keeps its biases, at zero.
+    return cfg.block == "pythia" and name.endswith(".bias") and ".attention." in name

@@ -1,0 +1,118 @@
+"""Llama, Qwen2, Qwen3 and GPT-NeoX checkpoints of transformers' own classes, converted: the same logits as
+transformers' model as residual models, and exactly the converted residual model's with any connection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+from muddformer.adapters.transformers_checkpoints import load_transformers_model
+from muddformer.errors import CheckpointError
+
+SIZE = dict(vocab_size=101, hidden_size=48, num_attention_heads=4, num_hidden_layers=3, intermediate_size=80)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=32,
+)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**SIZE, num_key_value_heads=2, max_position_embeddings=128),
+    "llama3": lambda: LlamaConfig(
+        **SIZE, num_key_value_heads=2, max_position_embeddings=128, rope_parameters=LLAMA3_ROPE
+    ),
+    "qwen2": lambda: Qwen2Config(**SIZE, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128),
+    "qwen3": lambda: Qwen3Config(**SIZE, num_key_value_heads=1, head_dim=12, max_position_embeddings=128),
+    "gpt_neox": lambda: GPTNeoXConfig(**SIZE, max_position_embeddings=128, rotary_pct=0.5),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES[request.param]())
+    with torch.no_grad():  # random norms and biases, so that every mapped tensor matters
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(0.5 if "norm" in name else 0.0, 0.2)
+    folder = tmp_path_factory.mktemp("hf") / request.param
+    model.save_pretrained(folder)
+    return folder, model.eval()
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+def test_a_converted_residual_model_computes_transformers_logits(checkpoint):
+    folder, reference = checkpoint
+    ours = load_transformers_model(str(folder))
+    with torch.no_grad():
+        want, got = reference(tokens()).logits, ours(tokens()).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(connection="mudd"), dict(connection="hc"), dict(connection="mudd", dense_layers="-2", dense_streams="vr")],
+)
+def test_any_connection_starts_as_the_converted_model(checkpoint, options):
+    folder, _ = checkpoint
+    residual = load_transformers_model(str(folder))
+    dense = load_transformers_model(str(folder), **options)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(tokens()).logits, residual(tokens()).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_unsupported_features_are_refused(tmp_path):
+    from transformers import MistralConfig
+
+    model = AutoModelForCausalLM.from_config(MistralConfig(**SIZE, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "mistral")
+    with pytest.raises(CheckpointError, match="model_type 'mistral' cannot be converted"):
+        load_transformers_model(str(tmp_path / "mistral"))
+    rope = dict(rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(LlamaConfig(**SIZE, rope_parameters=rope)).save_pretrained(tmp_path / "yarn")
+    with pytest.raises(CheckpointError, match="rope type 'yarn' cannot be converted"):
+        load_transformers_model(str(tmp_path / "yarn"))
+
+
+def test_mudd_convert_writes_a_folder_that_loads_with_the_same_logits(checkpoint, tmp_path):
+    from muddformer.adapters.folders import load_model
+    from muddformer.cli import main
+
+    folder, reference = checkpoint
+    dst = tmp_path / "mudd"
+    assert main(["convert", str(folder), str(dst), "--connection", "mudd", "--set", "dense_streams=vr"]) == 0
+    model = load_model(str(dst))
+    assert model.config.connection == "mudd" and model.config.dense_streams == "vr"
+    with torch.no_grad():
+        want = reference(tokens()).logits
+        torch.testing.assert_close(model(tokens()).logits, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_training_starts_from_a_converted_checkpoint(play_data, tmp_path):
+    # `mudd convert` a Llama, then `mudd train --init-from` it with MUDD added, at a learning rate of 1e-30: the
+    # checkpoint holds the Llama's weights unchanged and a connection still at the identity, so it computes
+    # the Llama's logits.
+    from conftest import nano_run
+
+    from muddformer.adapters.folders import load_model
+    from muddformer.cli import main
+    from muddformer.training.trainer import train
+
+    torch.manual_seed(0)
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(**{**SIZE, "vocab_size": 512}, max_position_embeddings=64))
+    llama.save_pretrained(tmp_path / "llama")
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "ours")]) == 0
+    run = nano_run(play_data, tmp_path / "run", init_from=str(tmp_path / "ours"), connection="mudd", lr=1e-30)
+    train(run)
+    trained = load_model(str(tmp_path / "run" / "checkpoints" / "step_000002"))
+    assert trained.config.connection == "mudd" and trained.config.n_layer == 3
+    x = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = llama.eval()(x).logits
+        torch.testing.assert_close(trained(x).logits, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
