@@ -116,3 +116,26 @@ def test_training_starts_from_a_converted_checkpoint(play_data, tmp_path):
     with torch.no_grad():
         want = llama.eval()(x).logits
         torch.testing.assert_close(trained(x).logits, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_a_converted_model_goes_back_to_the_same_transformers_checkpoint(checkpoint, tmp_path):
+    # transformers -> ours -> transformers: AutoModelForCausalLM loads the result (no muddformer class in it)
+    # and it computes the original's logits.
+    from muddformer.cli import main
+
+    folder, reference = checkpoint
+    assert main(["convert", str(folder), str(tmp_path / "ours")]) == 0
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--transformers-format"]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(back) is type(reference) and "muddformer" not in type(back).__module__
+    with torch.no_grad():
+        want = reference(tokens()).logits
+        torch.testing.assert_close(back(tokens()).logits, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_models_no_transformers_family_computes_are_refused():
+    from muddformer import MuddConfig, MuddModel
+    from muddformer.adapters.transformers_checkpoints import save_transformers_model
+
+    with pytest.raises(CheckpointError, match="connection='mudd'.*ffn_schedule='linear'"):
+        save_transformers_model(MuddModel(MuddConfig(n_layer=2, dim=32, n_head=2, intermediate_size=256)), "unused")

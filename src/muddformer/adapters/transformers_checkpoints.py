@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 
-from muddformer.adapters.folders import read_folder_raw_config, read_tensors
+from muddformer._utils import write_json_atomic
+from muddformer.adapters.folders import (
+    CONFIG_NAME,
+    DEFAULT_SHARD_SIZE,
+    read_folder_raw_config,
+    read_tensors,
+    save_tensors,
+)
 from muddformer.config import MuddConfig
 from muddformer.errors import CheckpointError
 from muddformer.model import MuddModel, copy_shared_weights
@@ -184,3 +191,116 @@ def load_transformers_model(folder: str, dtype: torch.dtype = torch.float32, **o
 def _zero_bias(name: str, cfg: MuddConfig) -> bool:
     # GPT-NeoX without attention_bias: our pythia block keeps its biases, at zero.
     return cfg.block == "pythia" and name.endswith(".bias") and ".attention." in name
+
+
+# ---- the other way: a residual model of ours in transformers' own layout ------------------------------------
+def transformers_family(cfg: MuddConfig) -> str:
+    """The transformers family that computes this model, or a CheckpointError naming what none of them has."""
+    problems = []
+    if cfg.connection != "residual":
+        problems.append(f"connection={cfg.connection!r} (transformers' models have a plain residual stream)")
+    if cfg.ffn_schedule != "constant" and len(set(cfg.ffn_widths)) > 1:
+        problems.append("ffn_schedule='linear' (their FFN width is the same in every layer)")
+    if cfg.moe_experts:
+        problems.append("moe_experts (the dense families have no experts)")
+    if cfg.rope_table_dtype != "float32" or cfg.attn_impl == "reference" and cfg.block == "pythia":
+        problems.append("a 16-bit rotary table or the reference attention (they compute both in float32)")
+    if cfg.block == "pythia":
+        if cfg.use_qk_norm or cfg.n_kv_head != cfg.n_head or cfg.attn_window:
+            problems.append("q/k norm, grouped-query attention or windows on the pythia block (GPT-NeoX has none)")
+        family = "gpt_neox"
+    else:
+        if cfg.rotary_pct != 1.0:
+            problems.append(f"rotary_pct={cfg.rotary_pct} (the llama families rotate the whole head)")
+        if cfg.use_qk_norm and cfg.qkv_bias:
+            problems.append("q/k norm with q/k/v biases (Qwen3 has no biases, Qwen2 no q/k norm)")
+        family = "qwen3" if cfg.use_qk_norm else "qwen2" if cfg.qkv_bias or cfg.attn_window else "llama"
+    if problems:
+        raise CheckpointError("cannot write a transformers checkpoint: " + "; ".join(problems))
+    return family
+
+
+def config_to_transformers(cfg: MuddConfig) -> dict[str, Any]:
+    family = transformers_family(cfg)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_base}
+    if cfg.rope_scaling == "llama3":
+        rope.update(
+            rope_type="llama3",
+            factor=cfg.rope_factor,
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_position,
+        )
+    out: dict[str, Any] = dict(
+        model_type=family,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        intermediate_size=cfg.ffn_widths[0],
+        max_position_embeddings=cfg.block_size,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        rope_parameters=rope,
+        torch_dtype="float32",
+    )
+    if family == "gpt_neox":
+        rope["partial_rotary_factor"] = cfg.rotary_pct
+        out.update(hidden_act="gelu", layer_norm_eps=cfg.norm_eps, use_parallel_residual=True, attention_bias=True)
+        out.update(architectures=["GPTNeoXForCausalLM"], rotary_pct=cfg.rotary_pct, rope_theta=cfg.rope_base)
+        return out
+    out.update(hidden_act="silu", rms_norm_eps=cfg.norm_eps, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim)
+    names = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    out["architectures"] = [names[family]]
+    if family != "qwen2":
+        out.update(attention_bias=False, mlp_bias=False)
+    if family != "llama":
+        windows = cfg.attn_windows
+        out.update(
+            use_sliding_window=bool(cfg.attn_window),
+            sliding_window=cfg.attn_window or None,
+            max_window_layers=cfg.n_layer,
+            layer_types=["sliding_attention" if w else "full_attention" for w in windows],
+        )
+    return out
+
+
+def state_to_transformers(cfg: MuddConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors under transformers' names (GPT-NeoX's q/k/v fused per head)."""
+    family = transformers_family(cfg)
+    prefix, layer_map = ("gpt_neox.", _NEOX_LAYER) if family == "gpt_neox" else ("model.", _LLAMA_LAYER)
+    embed = "embed_in" if family == "gpt_neox" else "embed_tokens"
+    top = {"tok_embeddings": prefix + embed, "norm": prefix + ("final_layer_norm" if family == "gpt_neox" else "norm")}
+    top["output"] = "embed_out" if family == "gpt_neox" else "lm_head"
+    ours_to_theirs = {v: k for k, v in layer_map.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        module, _, leaf = name.rpartition(".")
+        if module in top:
+            if not (module == "output" and cfg.tie_word_embeddings):
+                out[f"{top[module]}.{leaf}"] = value
+            continue
+        _, layer, sub = module.split(".", 2)
+        if family == "gpt_neox" and sub in ("attention.wq", "attention.wk", "attention.wv"):
+            continue  # fused below
+        out[f"{prefix}layers.{layer}.{ours_to_theirs[sub]}.{leaf}"] = value
+    if family == "gpt_neox":
+        for layer in range(cfg.n_layer):
+            for leaf in ("weight", "bias"):
+                parts = [state[f"layers.{layer}.attention.{w}.{leaf}"] for w in ("wq", "wk", "wv")]
+                heads = torch.stack([p.reshape(cfg.n_head, cfg.head_dim, *p.shape[1:]) for p in parts], dim=1)
+                out[f"{prefix}layers.{layer}.attention.query_key_value.{leaf}"] = heads.reshape(
+                    3 * cfg.dim, *parts[0].shape[1:]
+                )
+    return out
+
+
+def save_transformers_model(model: MuddModel, folder: str, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> str:
+    """Write a residual model as the transformers checkpoint that computes it; returns the family written."""
+    cfg = model.config
+    config = config_to_transformers(cfg)
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    save_tensors(state_to_transformers(cfg, state), folder, max_shard_size)
+    write_json_atomic(f"{folder}/{CONFIG_NAME}", config)
+    return config["model_type"]

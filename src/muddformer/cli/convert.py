@@ -13,6 +13,7 @@ from muddformer.adapters.transformers_checkpoints import (
     FAMILIES,
     is_transformers_checkpoint,
     load_transformers_model,
+    save_transformers_model,
 )
 from muddformer.config import CONNECTIONS
 from muddformer.errors import InputError
@@ -26,6 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help=f"model folder to read: ours, published, or a transformers {'/'.join(FAMILIES)} one")
     p.add_argument("dst", help="folder to write")
     p.add_argument("--published-format", action="store_true", help="write the layout the reference code reads")
+    p.add_argument(
+        "--transformers-format",
+        action="store_true",
+        help="write a residual model as the transformers checkpoint (Llama, Qwen2, Qwen3 or GPT-NeoX) that "
+        "AutoModelForCausalLM loads without muddformer",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -65,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if overrides:
         raise InputError("--connection and --set apply to transformers checkpoints; this folder is a MUDD model")
     model = load_model(args.src, dtype="auto")
+    if args.transformers_format:
+        family = save_transformers_model(model, args.dst, max_shard_size=args.max_shard_size)
+        print(f"wrote {args.dst} (transformers {family} format)")
+        return 0
     save_model(
         model, args.dst, published_format=args.published_format, max_shard_size=args.max_shard_size, dtype=args.dtype
     )
