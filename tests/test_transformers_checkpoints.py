@@ -110,7 +110,12 @@ def test_training_starts_from_a_converted_checkpoint(play_data, tmp_path):
     assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "ours")]) == 0
     run = nano_run(play_data, tmp_path / "run", init_from=str(tmp_path / "ours"), connection="mudd", lr=1e-30)
     train(run)
-    trained = load_model(str(tmp_path / "run" / "checkpoints" / "step_000002"))
+    # The transformers folder itself works as well.
+    run = nano_run(play_data, tmp_path / "run_hf", init_from=str(tmp_path / "llama"), connection="mudd", lr=1e-30)
+    train(run)
+    trained = load_model(str(tmp_path / "run_hf" / "checkpoints" / "step_000002"))
+    first = load_model(str(tmp_path / "run" / "checkpoints" / "step_000002"))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), trained.state_dict().values()))
     assert trained.config.connection == "mudd" and trained.config.n_layer == 3
     x = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from muddformer.adapters.folders import load_config
+from muddformer.adapters.folders import load_config, read_folder_raw_config
+from muddformer.adapters.transformers_checkpoints import config_from_transformers, is_transformers_checkpoint
 from muddformer.config import CONNECTIONS, MuddConfig
 from muddformer.data.shards import TokenData
 from muddformer.errors import ConfigError, DataError
@@ -133,6 +134,9 @@ def model_config(tc: TrainConfig) -> MuddConfig:
     if tc.connection:
         overrides["connection"] = tc.connection
     if tc.init_from:
+        raw = read_folder_raw_config(tc.init_from)
+        if is_transformers_checkpoint(raw):
+            return config_from_transformers(raw, **overrides)
         return load_config(tc.init_from).replace(**overrides)
     return MuddConfig.from_preset(tc.preset, **overrides)
 

@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from muddformer._utils import atomic_path, write_json_atomic
-from muddformer.adapters.folders import load_model
+from muddformer.adapters.folders import load_model, read_folder_raw_config
+from muddformer.adapters.transformers_checkpoints import is_transformers_checkpoint, load_transformers_model
 from muddformer.config import MuddConfig
 from muddformer.data.batches import eval_windows, iter_eval_batches, sample_batch
 from muddformer.data.shards import TokenData, bundled_data_dir
@@ -60,7 +61,8 @@ class StepResult:
 
 def start_from(core: MuddModel, folder: str) -> None:
     """The weights of a model folder; with another connection (or dense options) the body weights only."""
-    src = load_model(folder)
+    raw = read_folder_raw_config(folder)
+    src = load_transformers_model(folder) if is_transformers_checkpoint(raw) else load_model(folder)
     with torch.no_grad():
         if src.config.architecture() == core.config.architecture():
             core.load_state_dict(src.state_dict())

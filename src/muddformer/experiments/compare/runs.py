@@ -22,6 +22,7 @@ def train_config(
 
     return TrainConfig(
         preset=cc.preset,
+        init_from=cc.init_from,
         set=list(cc.set),
         connection=connection,
         data=data,

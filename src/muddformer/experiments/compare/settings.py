@@ -64,6 +64,11 @@ class CompareConfig:
     are `mudd compare`'s flags (muddformer.options), the recipe overrides are `mudd train`'s."""
 
     preset: str = option("tiny", help="model shape shared by every connection (default tiny)")
+    init_from: str | None = option(
+        None,
+        help="start every run from a model folder (ours or a transformers Llama/Qwen/GPT-NeoX one); each "
+        "connection is added at the identity, so all runs start from the same function",
+    )
     connections: list[str] = option(
         factory=lambda: list(DEFAULT_CONNECTIONS),
         repeat=False,
@@ -178,6 +183,8 @@ def command_line(cc: CompareConfig, out: Path) -> str:
     else:
         args += ["--seed-list", ",".join(map(str, cc.seeds))]
     args += ["--steps", str(cc.steps), "--out", str(out)]
+    if cc.init_from:
+        args += ["--init-from", cc.init_from]
     if cc.data:
         args += ["--data", cc.data]
     args += ["--batch-size", str(cc.batch_size)]
