@@ -89,3 +89,12 @@ def test_mix_step_fns_compute_the_same_gradients():
     assert len(naive) == len(ours) == 4 + 3
     for a, b in zip(naive, ours):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_runs_windows_grouped_attention_and_experts(capsys):
+    args = ["bench", "--preset", "nano", "--reps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "32"]
+    args += ["--decode-tokens", "4", "--connection", "mudd", "--json"]
+    for option in ("attn_window=8", "moe_experts=4"):
+        assert main(args + ["--set", option, "--set", "n_kv_head=1"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["train_step_ratio"] > 0 and report["decode_ratio"] > 0

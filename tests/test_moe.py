@@ -90,6 +90,18 @@ def test_a_fresh_connection_computes_the_residual_model_with_experts(connection)
     torch.testing.assert_close(other(x).logits, residual(x).logits, atol=1e-6, rtol=1e-6)
 
 
+def test_experts_keep_the_model_causal():
+    # Routing is per token: a later token never changes an earlier position's logits, only its own and later.
+    model = build(**MOE, connection="mudd", moe_shared_experts=1).double()
+    randomize_connection(model)
+    x = ids(6)
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % 97
+    a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=1e-12, rtol=0)  # expert batches differ in size
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
 @pytest.mark.parametrize("block, connection", [("llama", "mudd"), ("pythia", "mudd"), ("llama", "attnres")])
 def test_cached_decode_with_experts_equals_the_full_forward(block, connection):
     model = build(**MOE, block=block, connection=connection, moe_shared_experts=1, moe_layers="0,2").double()

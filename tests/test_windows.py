@@ -40,6 +40,9 @@ def test_a_query_sees_exactly_the_window_newest_tokens(window):
         y[0, earlier] = (y[0, earlier] + 1) % 97
         moved = (model(y).logits[0, 12] - base).abs().max().item()
         assert (moved > 1e-9) == (earlier > 12 - window), (earlier, moved)
+    later = x.clone()
+    later[0, 13:] = (later[0, 13:] + 1) % 97
+    assert torch.equal(model(later).logits[0, :13], model(x).logits[0, :13])  # causal: later tokens never seen
 
 
 def test_a_window_as_long_as_the_context_is_full_attention():
