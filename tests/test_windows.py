@@ -138,3 +138,15 @@ def test_window_refusals():
         MuddConfig(n_layer=4, attn_window=8, attn_global_layers="x")
     with pytest.raises(ConfigError, match="attn_window=8 .*no sliding-window attention"):
         config_to_published(MuddConfig(attn_window=8, intermediate_size=256))
+
+
+@pytest.mark.parametrize("connection", ["mudd", "ddformer", "hc"])
+def test_a_fresh_connection_computes_the_residual_model_with_windows(connection):
+    from muddformer import copy_shared_weights
+
+    options = dict(SHAPE, attn_window=4, attn_global_every=2)
+    residual = build(**options, connection="residual")
+    other = build(seed=3, **options, connection=connection)
+    copy_shared_weights(residual, other)
+    x = ids(8)
+    torch.testing.assert_close(other(x).logits, residual(x).logits, atol=1e-6, rtol=1e-6)
