@@ -195,3 +195,10 @@ def test_the_grouped_experts_op_has_exact_gradients_and_a_consistent_registratio
     args = (x, sizes, w1, w2, w3, b1, b2)
     assert torch.autograd.gradcheck(lambda *a: grouped_experts(*a), args)
     torch.library.opcheck(grouped_experts, args)
+
+
+def test_compile_with_activation_checkpointing_is_refused_for_experts(play_data, tmp_path):
+    run = nano_run(play_data, tmp_path / "r", set=["moe_experts=4"], compile=True, activation_checkpointing=True)
+    with pytest.raises(ConfigError, match="--compile with --activation-checkpointing is not supported with experts"):
+        train(run)
+    assert not (tmp_path / "r").exists()

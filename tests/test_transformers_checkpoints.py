@@ -144,3 +144,44 @@ def test_models_no_transformers_family_computes_are_refused():
 
     with pytest.raises(CheckpointError, match="connection='mudd'.*ffn_schedule='linear'"):
         save_transformers_model(MuddModel(MuddConfig(n_layer=2, dim=32, n_head=2, intermediate_size=256)), "unused")
+
+
+def test_qwen2_windows_without_layer_types_and_old_neox_buffers(tmp_path):
+    # Older config.json files have no layer_types: transformers windows the layers from max_window_layers on.
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    qwen = Qwen2Config(**SIZE, num_key_value_heads=2, use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    model = AutoModelForCausalLM.from_config(qwen).eval()
+    model.save_pretrained(tmp_path / "qwen2")
+    config = json.loads((tmp_path / "qwen2" / "config.json").read_text())
+    config.pop("layer_types")
+    (tmp_path / "qwen2" / "config.json").write_text(json.dumps(config))
+    ours = load_transformers_model(str(tmp_path / "qwen2"))
+    assert ours.config.attn_windows == [0, 6, 6]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens()).logits, model(tokens()).logits, rtol=1e-5, atol=1e-5)
+    # GPT-NeoX files of older releases also hold each layer's causal-mask buffers, which carry no weights.
+    neox = AutoModelForCausalLM.from_config(GPTNeoXConfig(**SIZE, rotary_pct=0.5)).eval()
+    neox.save_pretrained(tmp_path / "neox")
+    path = tmp_path / "neox" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    tensors["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_transformers_model(str(tmp_path / "neox"))(tokens()).logits,
+            neox(tokens()).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_overrides_that_add_weights_are_refused(checkpoint):
+    from muddformer.errors import InputError
+
+    folder, _ = checkpoint
+    with pytest.raises(InputError, match="adds weights the source model does not have"):
+        load_transformers_model(str(folder), connection="mudd", moe_experts=4)

@@ -259,6 +259,19 @@ def copy_shared_weights(src: MuddModel, dst: MuddModel) -> list[str]:
     return untouched
 
 
+def copy_body_weights(src: MuddModel, dst: MuddModel) -> None:
+    """copy_shared_weights for starting a model from another: only the connection's own tensors may be left
+    at their (identity) init; any other weight dst has and src lacks (experts, q/k norms added by an override)
+    would change the function, and is refused by name."""
+    left = [name for name in copy_shared_weights(src, dst) if not name.startswith("connection.")]
+    if left:
+        raise InputError(
+            f"the new config adds weights the source model does not have ({left[0]!r}"
+            f"{f' and {len(left) - 1} more' if len(left) > 1 else ''}); change only the connection and its "
+            "dense_* options when starting from a model"
+        )
+
+
 def _single_norm_name(name: str) -> str:
     # layers.{l}.attention_norms.{i}.weight -> layers.{l}.attention_norm.weight
     parts = name.split(".")

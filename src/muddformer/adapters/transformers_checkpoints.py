@@ -22,7 +22,7 @@ from muddformer.adapters.folders import (
 )
 from muddformer.config import MuddConfig
 from muddformer.errors import CheckpointError
-from muddformer.model import MuddModel, copy_shared_weights
+from muddformer.model import MuddModel, copy_body_weights
 
 LLAMA_LIKE = ("llama", "qwen2", "qwen3")
 FAMILIES = (*LLAMA_LIKE, "gpt_neox")
@@ -77,8 +77,15 @@ def _rope(raw: dict) -> dict[str, Any]:
 
 def _windows(raw: dict) -> dict[str, Any]:
     """Qwen2/Qwen3 sliding-window layers as attn_window with the full-attention layers listed as global."""
+    if not raw.get("use_sliding_window"):
+        return {}
+    if raw.get("sliding_window") is None:
+        raise CheckpointError("use_sliding_window is set but sliding_window is missing from config.json")
     types = raw.get("layer_types")
-    if not raw.get("use_sliding_window") or not types or "sliding_attention" not in types:
+    if not types:  # configs written before layer_types: layers from max_window_layers on are windowed
+        start = raw.get("max_window_layers", 28)
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(raw["num_hidden_layers"])]
+    if "sliding_attention" not in types:
         return {}
     full = [str(layer) for layer, kind in enumerate(types) if kind == "full_attention"]
     return {"attn_window": int(raw["sliding_window"]), "attn_global_layers": ",".join(full) or "none"}
@@ -117,9 +124,9 @@ def config_from_transformers(raw: dict, **overrides: Any) -> MuddConfig:
         ffn_schedule="constant",
         use_qk_norm=family == "qwen3",
         qkv_bias=family == "qwen2",
-        norm_eps=float(raw.get("layer_norm_eps" if family == "gpt_neox" else "rms_norm_eps", 1e-5)),
+        norm_eps=float(raw.get("layer_norm_eps", 1e-5) if family == "gpt_neox" else raw.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        rotary_pct=1.0,
+        rotary_pct=0.25 if family == "gpt_neox" else 1.0,  # transformers' defaults where config.json is silent
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=raw.get("eos_token_id") if isinstance(raw.get("eos_token_id"), int) else None,
     )
@@ -147,6 +154,8 @@ def state_from_transformers(family: str, tensors: dict[str, torch.Tensor], cfg: 
         if len(parts) < 3 or parts[0] != "layers":
             raise CheckpointError(f"tensor {name!r} has no counterpart in our model; cannot convert it")
         layer, sub = parts[1], parts[2]
+        if family == "gpt_neox" and sub == "attention" and leaf in ("bias", "masked_bias"):
+            continue  # older GPT-NeoX files store the causal-mask buffers; transformers skips them too
         if family == "gpt_neox" and sub == "attention.query_key_value":
             heads = value.view(cfg.n_head, 3, cfg.head_dim, *value.shape[1:])
             for i, ours in enumerate(("wq", "wk", "wv")):
@@ -184,7 +193,7 @@ def load_transformers_model(folder: str, dtype: torch.dtype = torch.float32, **o
     if not overrides:
         return residual.eval()
     model = MuddModel(config_from_transformers(raw, **overrides)).to(dtype)
-    copy_shared_weights(residual, model)
+    copy_body_weights(residual, model)
     return model.eval()
 
 
@@ -285,6 +294,10 @@ def state_to_transformers(cfg: MuddConfig, state: dict[str, torch.Tensor]) -> di
         if family == "gpt_neox" and sub in ("attention.wq", "attention.wk", "attention.wv"):
             continue  # fused below
         out[f"{prefix}layers.{layer}.{ours_to_theirs[sub]}.{leaf}"] = value
+    if family == "qwen2" and not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: ours are zero
+        for layer in range(cfg.n_layer):
+            for proj, width in (("q_proj", cfg.dim), ("k_proj", cfg.kv_dim), ("v_proj", cfg.kv_dim)):
+                out[f"{prefix}layers.{layer}.self_attn.{proj}.bias"] = torch.zeros(width)
     if family == "gpt_neox":
         for layer in range(cfg.n_layer):
             for leaf in ("weight", "bias"):

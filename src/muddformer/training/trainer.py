@@ -34,7 +34,7 @@ from muddformer.data.shards import TokenData, bundled_data_dir
 from muddformer.data.tokenizers import load_tokenizer
 from muddformer.errors import MuddError
 from muddformer.inference.generation import sample_generate
-from muddformer.model import MuddModel, copy_shared_weights, count_parameters, next_token_loss
+from muddformer.model import MuddModel, copy_body_weights, count_parameters, next_token_loss
 from muddformer.telemetry import SpikeWatch, expert_load, group_grad_norms
 from muddformer.training.checkpointing import list_checkpoints, resume_latest, save_checkpoint
 from muddformer.training.config import TrainConfig, model_config, validate
@@ -67,7 +67,7 @@ def start_from(core: MuddModel, folder: str) -> None:
         if src.config.architecture() == core.config.architecture():
             core.load_state_dict(src.state_dict())
         else:
-            copy_shared_weights(src, core)
+            copy_body_weights(src, core)
 
 
 def train(tc: TrainConfig) -> dict:
