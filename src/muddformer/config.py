@@ -62,7 +62,7 @@ class MuddConfig:
     norm_eps: float = None  # type: ignore[assignment]  # None: 1e-6 llama, 1e-5 pythia
     rope_base: float = 10000.0
     # "llama3": Llama 3.1's frequency-dependent stretch of the rotary frequencies (converted Llama 3 checkpoints)
-    rope_scaling: str = "none"
+    rope_frequency_scaling: str = "none"
     rope_factor: float = 8.0  # llama3: long wavelengths divided by this
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are stretched fully
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
@@ -177,7 +177,7 @@ class MuddConfig:
             ("rope_table_dtype", TABLE_DTYPES),
             ("init_method", INIT_METHODS),
             ("attn_impl", ATTN_IMPLS),
-            ("rope_scaling", ROPE_SCALINGS),
+            ("rope_frequency_scaling", ROPE_SCALINGS),
             ("mix_impl", MIX_IMPLS),
         ):
             if getattr(self, name) not in choices:

@@ -48,7 +48,7 @@ def rotary_table(cfg: MuddConfig, device: torch.device | str | None = None) -> t
     """
     n = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, n, 2, device=device)[: n // 2].float() / n))
-    if cfg.rope_scaling == "llama3":
+    if cfg.rope_frequency_scaling == "llama3":
         inv_freq = llama3_frequencies(inv_freq, cfg)
     angles = torch.outer(torch.arange(cfg.block_size, device=device).float(), inv_freq)
     table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)

@@ -83,8 +83,8 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
         problems.append(f"connection={cfg.connection!r} (the published layout holds 'mudd' models)")
     if cfg.n_kv_head != cfg.n_head:
         problems.append(f"n_kv_head={cfg.n_kv_head} (the reference has no grouped-query attention)")
-    if cfg.rope_scaling != "none" or cfg.qkv_bias:
-        problems.append("rope_scaling / qkv_bias (the reference has neither)")
+    if cfg.rope_frequency_scaling != "none" or cfg.qkv_bias:
+        problems.append("rope_frequency_scaling / qkv_bias (the reference has neither)")
     if cfg.attn_window:
         problems.append(f"attn_window={cfg.attn_window} (the reference has no sliding-window attention)")
     if cfg.moe_experts:

@@ -61,7 +61,7 @@ def _rope(raw: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_base": float(theta)}
     if kind == "llama3":
         out.update(
-            rope_scaling="llama3",
+            rope_frequency_scaling="llama3",
             rope_factor=float(params["factor"]),
             rope_low_freq_factor=float(params["low_freq_factor"]),
             rope_high_freq_factor=float(params["high_freq_factor"]),
@@ -232,7 +232,7 @@ def transformers_family(cfg: MuddConfig) -> str:
 def config_to_transformers(cfg: MuddConfig) -> dict[str, Any]:
     family = transformers_family(cfg)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_base}
-    if cfg.rope_scaling == "llama3":
+    if cfg.rope_frequency_scaling == "llama3":
         rope.update(
             rope_type="llama3",
             factor=cfg.rope_factor,
