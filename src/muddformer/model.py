@@ -38,6 +38,8 @@ class MuddModel(nn.Module):
     def __init__(self, cfg: MuddConfig):
         super().__init__()
         self.config = cfg
+        # The window of the windowed layers (0: none); parsed once, not on every forward.
+        self.attn_window = cfg.attn_window if any(cfg.attn_windows) else 0
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.connection = build_connection(cfg)
         self.layers = nn.ModuleList(
@@ -169,7 +171,7 @@ class MuddModel(nn.Module):
         cache_position: torch.Tensor | None,
     ) -> AttentionContext:
         T = input_ids.shape[1]
-        window = self.config.attn_window if any(self.config.attn_windows) else 0
+        window = self.attn_window
         if cache_position is None:  # training and plain full forwards: causal over the T tokens
             rope = self.rope[:T][None] if position_ids is None else self.rope[position_ids]
             tokens = torch.arange(T, device=input_ids.device)
