@@ -132,16 +132,17 @@ def test_fsdp_with_activation_checkpointing_and_compile(play_data, single, tmp_p
     MuddForCausalLM.from_pretrained(out / "checkpoints" / "step_000003")
 
 
-def test_experts_under_fsdp_equal_one_rank(play_data, tmp_path):
+def test_experts_and_windows_under_fsdp_and_activation_checkpointing_equal_one_rank(play_data, tmp_path):
     # Expert weights shard like any other parameter. The balance loss is a product of per-batch means, so it
     # differs between one batch of 8 and two of 4: it is off here; the z-loss, a plain mean, stays on.
     args = COMMON[:-2] + ["--data", str(play_data), "--max-steps", "3", "--set", "moe_experts=4"]
     args += ["--set", "moe_aux_loss_weight=0", "--set", "mix_impl=reference"]
+    args += ["--set", "attn_window=5", "--set", "attn_global_every=2"]  # shorter than --seq-len: the band masks
     one = tmp_path / "one"
     proc = run_cli(args + ["--batch-size", "8", "--out", str(one)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "fsdp"
-    torchrun(args + ["--batch-size", "4", "--parallel", "fsdp"], two)
+    torchrun(args + ["--batch-size", "4", "--parallel", "fsdp", "--activation-checkpointing"], two)
     ref, got = [r for r in metrics(one) if "loss" in r], [r for r in metrics(two) if "loss" in r]
     assert [r["step"] for r in ref] == [r["step"] for r in got] and "moe/0/max_load" in got[-1]
     for a, b in zip(ref, got):

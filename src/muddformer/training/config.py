@@ -148,11 +148,6 @@ def validate(tc: TrainConfig, cfg: MuddConfig, data: TokenData) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(tc, name)}")
     if tc.parallel not in PARALLELISMS:
         raise ConfigError(f"--parallel {tc.parallel!r} is unknown; choose none, ddp or fsdp")
-    if cfg.moe_experts and tc.compile and tc.activation_checkpointing:
-        raise ConfigError(
-            "--compile with --activation-checkpointing is not supported with experts yet (the router losses are "
-            "kept on the module, which a compiled checkpoint refuses); drop one of the two"
-        )
     seq_len = tc.seq_len or min(256, cfg.block_size)
     if seq_len > cfg.block_size:
         raise ConfigError(

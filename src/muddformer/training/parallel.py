@@ -97,10 +97,16 @@ def parallelize(
     mixed_precision: torch.dtype | None = None,
 ) -> nn.Module:
     """Return the module to train: the model with AC / compile applied, wrapped for DDP or sharded by FSDP2."""
-    if activation_checkpointing:
+    if compile and activation_checkpointing and model.experts():
+        # A compiled checkpoint region may not write module attributes, and the experts keep their router
+        # losses on the module: each block is compiled on its own and the checkpoint runs around it, eagerly.
+        apply_compile(model, per_block=True)
         apply_activation_checkpointing(model)
-    if compile:
-        apply_compile(model, per_block=parallel == "fsdp")
+    else:
+        if activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if compile:
+            apply_compile(model, per_block=parallel == "fsdp")
     if parallel == "ddp" and info.distributed:
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
