@@ -76,6 +76,17 @@ def build(seed: int = 0, **overrides) -> MuddModel:
     return MuddModel(small_config(**overrides))
 
 
+def assert_causal(model: MuddModel, x: torch.Tensor, cut: int, atol: float = 1e-6) -> None:
+    """Changing the tokens from position `cut` on leaves every earlier position's logits as they were, and
+    changes the later ones."""
+    y = x.clone()
+    y[:, cut:] = (y[:, cut:] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :cut], b[:, :cut], atol=atol, rtol=0)
+    assert (a[:, cut:] - b[:, cut:]).abs().max() > 1e-4
+
+
 def randomize_connection(model: MuddModel, seed: int = 1, scale: float = 0.3) -> None:
     """Move the connection away from its identity init so that every dense path is active."""
     g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Small helpers every layer uses: atomic file writes and the device name.
+"""Small helpers every layer uses: atomic file writes, the device name, the float32-at-least upcast.
 
 Every file is written atomically (temporary name, then rename), so a crash never leaves a half file where a
 good one was.
@@ -67,3 +67,8 @@ def write_json_atomic(path: str, obj: object) -> None:
 def resolve_device(name: str) -> str:
     """ "auto" -> cuda when available, else cpu; any other name as given."""
     return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when it is narrower (bfloat16, float16); a float64 model keeps its precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

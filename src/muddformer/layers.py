@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muddformer._utils import at_least_float32
 from muddformer.config import MuddConfig
 from muddformer.moe import MoEFeedForward
 
@@ -25,7 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = at_least_float32(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -73,7 +74,7 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch
     attention scores are identical to this contiguous layout (architecture §2.5).
     """
     half = rotary_dim // 2
-    xf = x[..., :rotary_dim].float()
+    xf = at_least_float32(x[..., :rotary_dim])
     x1, x2 = xf[..., :half], xf[..., half:]
     cos = table[:, :, None, :, 0]
     sin = table[:, :, None, :, 1]
@@ -132,7 +133,7 @@ def reference_attention(
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if softmax_float32:
-        scores = scores.float()
+        scores = at_least_float32(scores)
     mask_value = torch.finfo(scores.dtype if softmax_float32 else torch.float16).min
     probs = torch.softmax(scores.masked_fill(~mask, mask_value), dim=-1).to(v.dtype)
     return probs @ v

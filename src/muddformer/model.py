@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muddformer._utils import at_least_float32
 from muddformer.config import MuddConfig
 from muddformer.connections import build_connection
 from muddformer.errors import InputError
@@ -214,8 +215,10 @@ def training_loss(out: CausalLMOutput) -> torch.Tensor:
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean float32 cross-entropy of logits (B, T, V) against already-shifted targets (B, T); -100 ignored."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+    """Mean cross-entropy, in float32 at least, of logits (B, T, V) against already-shifted targets (B, T);
+    -100 ignored."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(at_least_float32(flat), targets.reshape(-1), ignore_index=-100)
 
 
 def count_parameters(model: nn.Module) -> dict[str, float]:

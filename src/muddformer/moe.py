@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muddformer._utils import at_least_float32
 from muddformer.config import MuddConfig
 
 
@@ -68,7 +69,7 @@ class MoEFeedForward(nn.Module):
         shape, E, k = x.shape, self.n_routed, self.top_k
         flat = x.reshape(-1, shape[-1])
         logits = self.router(flat)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # routing in float32 at least
+        logits = at_least_float32(logits)  # routing in float32 at least
         probs = torch.softmax(logits, dim=-1)
         gates, chosen = probs.topk(k, dim=-1)  # (N, k)
         if self.norm_topk:
