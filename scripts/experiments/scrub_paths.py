@@ -3,6 +3,7 @@
 python3 scripts/experiments/scrub_paths.py FILE...
 """
 
+import os
 import re
 import sys
 
@@ -10,6 +11,8 @@ RUNS = re.compile(r'(^|[\s"\'=])/(?:[^/\s"\']+/)*?(runs/)')  # the first runs/ s
 CACHE = re.compile(r'/(?:[^/\s"\']+/)*?\.cache/muddformer')
 
 for path in sys.argv[1:]:
+    if not os.path.isfile(path):  # an unmatched glob: nothing to scrub
+        continue
     with open(path) as f:
         text = f.read()
     clean = CACHE.sub("$MUDD_CACHE", RUNS.sub(r"\1\2", text))
