@@ -57,6 +57,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(no_gpu)
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler_caches():
+    """Dynamo counts recompilations per function across every model of the process: without a reset after
+    each test, the tests that compile would together reach its limit (8) and fail whichever test comes ninth."""
+    yield
+    torch.compiler.reset()
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
