@@ -97,16 +97,15 @@ def parallelize(
     mixed_precision: torch.dtype | None = None,
 ) -> nn.Module:
     """Return the module to train: the model with AC / compile applied, wrapped for DDP or sharded by FSDP2."""
-    if compile and activation_checkpointing and model.experts():
-        # A compiled checkpoint region may not write module attributes, and the experts keep their router
-        # losses on the module: each block is compiled on its own and the checkpoint runs around it, eagerly.
+    # A compiled checkpoint region may not write module attributes, and the experts keep their router losses on
+    # the module: with experts each block is compiled on its own first, and its checkpoint runs around it, eagerly.
+    compile_inside_checkpoints = compile and activation_checkpointing and bool(model.experts())
+    if compile_inside_checkpoints:
         apply_compile(model, per_block=True)
+    if activation_checkpointing:
         apply_activation_checkpointing(model)
-    else:
-        if activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if compile:
-            apply_compile(model, per_block=parallel == "fsdp")
+    if compile and not compile_inside_checkpoints:
+        apply_compile(model, per_block=parallel == "fsdp")
     if parallel == "ddp" and info.distributed:
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
