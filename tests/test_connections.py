@@ -187,16 +187,57 @@ def test_buffered_mix_equals_reference_values_and_gradients(block, connection, d
     assert_grads_close(grads, ref_grads)
 
 
-def test_compiled_mix_equals_reference_values_and_gradients():
-    # mix_impl="compiled" compiles the reference formula on its own (one graph per number of states).
-    results = {}
-    for impl in ("reference", "compiled"):
-        model = build(seed=4, connection="mudd", mix_impl=impl)
-        randomize_connection(model)
-        results[impl] = loss_and_grads(model, ids())
-    (ref_loss, ref_grads), (loss, grads) = results["reference"], results["compiled"]
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
-    assert_grads_close(grads, ref_grads)
+def test_compiled_mix_equals_reference_and_compiles_once_for_every_depth():
+    # mix_impl="compiled": the forward and the gradients are formulas compiled with every size dynamic,
+    # so a deeper model (more states per mix) runs the graphs the shallower one compiled.
+    from torch._dynamo.utils import counters
+
+    for n_layer in (2, 5):
+        results = {}
+        for impl in ("reference", "compiled"):
+            model = build(seed=4, n_layer=n_layer, connection="mudd", mix_impl=impl)
+            randomize_connection(model)
+            results[impl] = loss_and_grads(model, ids())
+        (ref_loss, ref_grads), (loss, grads) = results["reference"], results["compiled"]
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+        assert_grads_close(grads, ref_grads)
+        if n_layer == 2:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_auto_mix_compiles_on_the_cpu_only_for_large_states():
+    from muddformer.kernels.depth_mix import COMPILE_MIN_ELEMENTS, CompiledMix, MatmulMix, mix_backend
+
+    large = torch.empty(2, COMPILE_MIN_ELEMENTS // 64, 5, 32)  # 2^18 elements per state
+    small = torch.empty(2, COMPILE_MIN_ELEMENTS // 64 - 1, 5, 32)
+    assert mix_backend("auto", large) is CompiledMix
+    assert mix_backend("auto", small) is MatmulMix
+    assert mix_backend("matmul", large) is MatmulMix
+    assert mix_backend("compiled", small) is CompiledMix
+
+
+def test_a_failing_compile_warns_once_and_falls_back_to_the_matmul(monkeypatch):
+    from muddformer.kernels import depth_mix_compiled
+    from muddformer.kernels.depth_mix import MatmulMix, depth_mix, mix_backend
+
+    def broken(formula, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler\nsecond line")
+
+        return fail
+
+    monkeypatch.setattr(depth_mix_compiled, "_failed", [])
+    monkeypatch.setattr(depth_mix_compiled, "_compiled", {})
+    monkeypatch.setattr(depth_mix_compiled.torch, "compile", broken)
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(2, 3, 8, generator=g, requires_grad=True) for _ in range(3)]
+    w = torch.randn(2, 3, 4, 3, generator=g, requires_grad=True)
+    with pytest.warns(UserWarning, match="compiled depth mix failed \\(RuntimeError: no C\\+\\+ compiler\\)"):
+        mixed = depth_mix(states, w, "compiled")
+    for got, want in zip(mixed, depth_mix(states, w, "reference")):
+        torch.testing.assert_close(got, want)
+    assert mix_backend("compiled", torch.empty(2, 3, 3, 8)) is MatmulMix
 
 
 def test_buffered_mix_keeps_one_copy_of_each_state():

@@ -8,7 +8,9 @@ silently wrong result. docs/dependencies.md lists every dependency API we call a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import inspect
 from typing import Any
 
@@ -53,3 +55,15 @@ def dynamo_recompile_limit(limit: int):
         f"torch._dynamo.config has neither recompile_limit nor cache_size_limit in torch "
         f"{torch.__version__}; {LOCK_HINT}"
     )
+
+
+def without_duck_sizing():
+    """A context in which torch.compile gives every dynamic size its own symbol even where two sizes are equal
+    at the first call (`torch.fx.experimental._config.use_duck_shape`), so that the graph does not guard on,
+    and recompile for, a coincidence such as batch == number of states. Where the option is gone the cost
+    is at most one more graph, never a wrong result, so it is then left out."""
+    try:
+        config = importlib.import_module("torch.fx.experimental._config")
+    except ImportError:
+        return contextlib.nullcontext()
+    return config.patch(use_duck_shape=False) if hasattr(config, "use_duck_shape") else contextlib.nullcontext()

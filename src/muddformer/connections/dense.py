@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from muddformer.config import MuddConfig
 from muddformer.connections.base import Connection
-from muddformer.kernels.depth_mix import UNBUFFERED, DepthBuffer, depth_mix_buffered
+from muddformer.kernels.depth_mix import DepthBuffer, depth_mix_buffered, depth_mix_reference
 from muddformer.layers import Block, BlockInput, RMSNorm, ValueAdded, residual_input, rms_norm_no_scale
 
 
@@ -191,10 +191,9 @@ class DenseConnection(Connection):
                     nn.init.constant_(cast(RMSNorm, norm).weight, 1e-3)
 
     def uses_buffer(self) -> bool:
-        # Eager runs write states into one buffer and mix with a batched matmul (or Triton); under
-        # torch.compile the reference formula is what inductor fuses best; "reference" keeps bit-parity,
-        # and "compiled" compiles that formula on its own.
-        return self.mix_impl not in UNBUFFERED and not torch.compiler.is_compiling()
+        # Eager runs write states into one buffer and mix it in place (kernels/depth_mix.py); under
+        # torch.compile the reference formula is what inductor fuses best; "reference" keeps bit-parity.
+        return self.mix_impl != "reference" and not torch.compiler.is_compiling()
 
     def begin(self, x0: torch.Tensor) -> DenseState:
         state = DenseState(next_input=x0, buffer=DepthBuffer(x0, self.n_layer + 1) if self.uses_buffer() else None)
@@ -267,8 +266,8 @@ class DenseConnection(Connection):
         weights = self.dense_weights(layer, gen_input)
         if buffer is not None and agg.sources == tuple(range(len(states))):
             mixed = depth_mix_buffered(buffer, states, weights, self.mix_impl)
-        else:  # the reference formula (or its compiled form) over the chosen states
-            mixed = UNBUFFERED.get(self.mix_impl, UNBUFFERED["reference"])([states[j] for j in agg.sources], weights)
+        else:  # the reference formula over the chosen states
+            mixed = depth_mix_reference([states[j] for j in agg.sources], weights)
         by_position = dict(zip(agg.streams, mixed))
         n_out = self.input_streams(layer)
         if self.prepost:  # gen_input is the block output itself; the R stream's sum is normalised again

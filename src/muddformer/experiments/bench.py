@@ -17,17 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
-from muddformer.config import MuddConfig
+from muddformer.config import MIX_IMPLS, MuddConfig
 from muddformer.errors import InputError
 from muddformer.inference.generation import generate
 from muddformer.inference.kv_cache import KVCache
-from muddformer.kernels.depth_mix import UNBUFFERED, DepthBuffer, depth_mix_buffered
+from muddformer.kernels.depth_mix import DepthBuffer, depth_mix_buffered, depth_mix_reference
 from muddformer.model import MuddModel, count_parameters, training_loss
 from muddformer.options import DTYPES, option
 from muddformer.training.config import parse_set_item
-from muddformer.training.metrics import environment
+from muddformer.training.metrics import environment, flops_per_token, peak_flops
 
 BASELINE = "residual"
+FAST_MIXES = [impl for impl in MIX_IMPLS if impl != "reference"]  # the naive loop is the reference
 
 
 @dataclass
@@ -57,10 +58,20 @@ class BenchConfig:
         metavar="FIELD=VALUE",
         help="MuddConfig override for every model, e.g. --set mix_impl=reference --set recompute_mix=true",
     )
+    mix_impls: list[str] = option(
+        factory=list,
+        flag="--mix-impl",
+        help="also time the depth mix with each of these implementations (repeatable or comma-separated, "
+        f"of {', '.join(FAST_MIXES)})",
+    )
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
         self.connections = [c for item in self.connections for c in item.split(",") if c]  # "a,b" as two
+        self.mix_impls = [c for item in self.mix_impls for c in item.split(",") if c]
+        unknown = [impl for impl in self.mix_impls if impl not in FAST_MIXES]
+        if unknown:
+            raise InputError(f"--mix-impl {unknown[0]!r} is not a fast depth mix; choose from {', '.join(FAST_MIXES)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -169,7 +180,7 @@ def mix_step_fns(
 
     def run(fast: bool) -> list[torch.Tensor]:
         outs = []
-        buffered = fast and impl not in UNBUFFERED
+        buffered = fast and impl != "reference"
         if buffered:
             buffer = DepthBuffer(states[0], L + 1)
             stored = [buffer.store(states[0])]
@@ -178,7 +189,7 @@ def mix_step_fns(
                 stored.append(buffer.store(states[layer + 1]))
                 outs += depth_mix_buffered(buffer, stored, weights[layer], impl)
             else:
-                outs += UNBUFFERED[impl if fast else "reference"](states[: layer + 2], weights[layer])
+                outs += depth_mix_reference(states[: layer + 2], weights[layer])
         torch.autograd.backward(outs, [grads[i % 4] for i in range(len(outs))])
         computed = [t.grad for t in states + weights]
         for t in states + weights:
@@ -220,9 +231,13 @@ def run_bench(bc: BenchConfig) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
             step()
             results[name]["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    peak = peak_flops(device)
     for name, t in interleaved_medians(steps, bc.reps, bc.warmup, device).items():
         results[name]["train_step_s"] = t
         results[name]["train_tokens_per_s"] = ids.numel() / t
+        if peak:  # model FLOPs utilisation against the GPU's dense bf16 peak
+            flops = flops_per_token(configs[name], results[name]["parameters"], seq) * ids.numel()
+            results[name]["mfu"] = flops / t / peak
 
     def prefill(model):
         def run():
@@ -246,9 +261,10 @@ def run_bench(bc: BenchConfig) -> dict:
         results[name]["decode_tokens_per_s"] = bc.decode_batch / statistics.median(values)
 
     mix_cfg = configs[names[1]] if len(names) > 1 else base
-    mix = interleaved_medians(
-        mix_step_fns(mix_cfg, bc.batch_size, seq, device, bc.torch_dtype), bc.reps, bc.warmup, device
-    )
+    mix_fns = mix_step_fns(mix_cfg, bc.batch_size, seq, device, bc.torch_dtype)
+    for impl in bc.mix_impls:  # each named implementation, timed in the same interleaved rounds
+        mix_fns[impl] = mix_step_fns(mix_cfg.replace(mix_impl=impl), bc.batch_size, seq, device, bc.torch_dtype)["ours"]
+    mix = interleaved_medians(mix_fns, bc.reps, bc.warmup, device)
     report = {
         "preset": bc.preset,
         "device": str(device),
@@ -264,6 +280,7 @@ def run_bench(bc: BenchConfig) -> dict:
         "mix_naive_s": mix["naive"],
         "mix_ours_s": mix["ours"],
         "mix_speedup": mix["naive"] / mix["ours"],
+        "mix_impls_s": {impl: mix[impl] for impl in bc.mix_impls},
     }
     ref = results[BASELINE]
     memory_key = "peak_bytes" if device.type == "cuda" else "saved_bytes"
@@ -317,4 +334,8 @@ def format_report(report: dict) -> str:
         f"{report['mix_naive_s'] * 1e3:.2f} ms, ours ({report['mix_impl']}) {report['mix_ours_s'] * 1e3:.2f} ms, "
         f"speedup {report['mix_speedup']:.2f}x"
     )
+    for impl, t in report["mix_impls_s"].items():
+        lines.append(f"    mix_impl={impl}: {t * 1e3:.2f} ms, speedup {report['mix_naive_s'] / t:.2f}x")
+    if any("mfu" in r for r in report["models"].values()):
+        lines.append("  MFU: " + ", ".join(f"{n} {r['mfu']:.1%}" for n, r in report["models"].items() if "mfu" in r))
     return "\n".join(lines)

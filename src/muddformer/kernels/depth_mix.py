@@ -7,13 +7,12 @@ Weights have shape (B, T, C, N), or (1, 1, C, N) for static weights; states are 
   is what bit-parity with the published checkpoints needs. Under torch.compile it is also the fast
   path: inductor fuses the sum into one kernel per stream group.
 - `DepthBuffer` + `depth_mix_buffered` is the eager fast path: every state is written once into one
-  preallocated (B, T, N_max, D) buffer, so the mix is one batched matmul over the first N slots
-  (no O(L^2) stacking or temporaries), with a hand-written backward (two batched matmuls).
-- On CUDA, with triton installed, the same buffered path runs the fused Triton kernels
-  (`depth_mix_triton`), which read the states once and accumulate in float32.
-- `depth_mix_compiled` is the reference formula compiled on its own, for eager models: inductor
-  fuses each mix and its backward into one loop over the states, the fastest path on the CPU. It
-  compiles one graph per number of states (about 10 s each on a CPU), so it is opt-in.
+  preallocated (B, T, N_max, D) buffer, and the mix reads the first n slots in place, with a
+  hand-written backward, through one of three implementations (`mix_backend`):
+  - `CompiledMix`, the CPU's: the forward and both gradients as formulas that inductor compiles once
+    for every depth (depth_mix_compiled); "auto" takes it where one state has 2^18 elements or more;
+  - `TritonMix`, CUDA's with triton installed: fused kernels that read the states once (depth_mix_triton);
+  - `MatmulMix`, everywhere else: one batched matmul per direction.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from muddformer.compat import dynamo_recompile_limit
 from muddformer.config import MIX_IMPLS as IMPLS
+import muddformer.kernels.depth_mix_compiled as compiled
 
 
 def _check(n_states: int, weights: torch.Tensor) -> None:
@@ -41,21 +40,6 @@ def depth_mix_reference(states: Sequence[torch.Tensor], weights: torch.Tensor) -
             acc = acc + weights[..., c, j, None] * states[j]
         mixed.append(acc)
     return mixed
-
-
-_compiled_mix = None
-
-
-def depth_mix_compiled(states: Sequence[torch.Tensor], weights: torch.Tensor) -> list[torch.Tensor]:
-    """`depth_mix_reference` through torch.compile; inside an already compiled model, the plain formula."""
-    global _compiled_mix
-    if torch.compiler.is_compiling():
-        return depth_mix_reference(states, weights)
-    if _compiled_mix is None:
-        _compiled_mix = torch.compile(depth_mix_reference)
-    # One graph per number of states: a deep model needs more graphs than dynamo's default limit of 8.
-    with dynamo_recompile_limit(max(64, 2 * len(states))):
-        return _compiled_mix(states, weights)
 
 
 class DepthBuffer:
@@ -99,71 +83,106 @@ class _Store(torch.autograd.Function):
         return grad, None
 
 
-def _use_triton(impl: str, x: torch.Tensor) -> bool:
-    if impl not in ("auto", "triton") or (impl == "auto" and x.device.type != "cuda"):
-        return False
-    from muddformer.kernels.depth_mix_triton import triton_available
-
-    if impl == "triton":
-        if not triton_available(x.device):
-            raise ValueError(
-                "mix_impl='triton' needs the triton package and a CUDA device "
-                "(or TRITON_INTERPRET=1 on the CPU); use mix_impl='auto'"
-            )
-        return True
-    return triton_available(x.device)
-
-
-def _forward(w: torch.Tensor, X: torch.Tensor, triton: bool) -> torch.Tensor:
-    if triton:
-        from muddformer.kernels.depth_mix_triton import mix_forward
-
-        B, T, n, D = X.shape
-        w = w.expand(B, T, *w.shape[2:])
-        return mix_forward(_flat_tokens(X), w.reshape(B * T, *w.shape[2:])).view(B, T, -1, D)
-    return torch.matmul(w.to(X.dtype), X)
-
-
 def _flat_tokens(X: torch.Tensor) -> torch.Tensor:
     # (B, T, n, D) slice of a (B, T, N_max, D) buffer -> (B*T, n, D) without a copy (token stride N_max*D).
     return X.flatten(0, 1)
 
 
-def _backward(w: torch.Tensor, X: torch.Tensor, g: torch.Tensor, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if triton:
+class MatmulMix:
+    """One batched matmul per direction: (C x n) @ (n x D) for every token."""
+
+    @staticmethod
+    def forward(w: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.matmul(w.to(X.dtype), X).unbind(-2)
+
+    @staticmethod
+    def backward(w: torch.Tensor, X: torch.Tensor, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # In the gradient's dtype: under autocast the forward ran in a lower precision than X.
+        g = torch.stack(list(grads), -2)
+        return torch.matmul(w.to(g.dtype).transpose(-1, -2), g), torch.matmul(g, X.to(g.dtype).transpose(-1, -2))
+
+
+class TritonMix:
+    """The fused kernels of depth_mix_triton: each state read once, float32 accumulation."""
+
+    @staticmethod
+    def forward(w: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from muddformer.kernels.depth_mix_triton import mix_forward
+
+        B, T, n, D = X.shape
+        w = w.expand(B, T, *w.shape[2:])
+        return mix_forward(_flat_tokens(X), w.reshape(B * T, *w.shape[2:])).view(B, T, -1, D).unbind(-2)
+
+    @staticmethod
+    def backward(w: torch.Tensor, X: torch.Tensor, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         from muddformer.kernels.depth_mix_triton import mix_backward
 
         B, T, n, D = X.shape
-        full = w.expand(B, T, *w.shape[2:])
-        gX, gW = mix_backward(_flat_tokens(X), full.reshape(B * T, *w.shape[2:]), g.reshape(B * T, -1, D))
-        gX, gW = gX.view(B, T, n, D), gW.view(B, T, *w.shape[2:])
-    else:  # in the gradient's dtype: under autocast the forward ran in a lower precision than X
-        gX = torch.matmul(w.to(g.dtype).transpose(-1, -2), g).to(X.dtype)
-        gW = torch.matmul(g, X.to(g.dtype).transpose(-1, -2))
-    if w.shape[:2] != gW.shape[:2]:  # static weights were broadcast over tokens
-        gW = gW.sum((0, 1), keepdim=True)
-    return gX, gW.to(w.dtype)
+        full = w.expand(B, T, *w.shape[2:]).reshape(B * T, *w.shape[2:])
+        g = torch.stack(list(grads), -2).reshape(B * T, -1, D)
+        gX, gW = mix_backward(_flat_tokens(X), full, g)
+        return gX.view(B, T, n, D), gW.view(B, T, *w.shape[2:])
 
 
-UNBUFFERED = {"reference": depth_mix_reference, "compiled": depth_mix_compiled}
+class CompiledMix:
+    """The formulas of depth_mix_compiled, one compiled graph each for every depth."""
+
+    @staticmethod
+    def forward(w: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return compiled.call(compiled.mix_streams, w.to(X.dtype), X)
+
+    @staticmethod
+    def backward(w: torch.Tensor, X: torch.Tensor, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = grads[0].dtype  # under autocast the forward ran in a lower precision than X
+        return compiled.call(compiled.mix_grads, w.to(dtype), X.to(dtype), [g.contiguous() for g in grads])
+
+
+# "auto" compiles the mix on the CPU only where one state holds this many elements: below it the
+# matmul is as fast and a compile (seconds) would not pay for itself (decode steps, tests' models).
+COMPILE_MIN_ELEMENTS = 1 << 18
+Backend = type[MatmulMix] | type[TritonMix] | type[CompiledMix]
+
+
+def mix_backend(impl: str, buffer: torch.Tensor) -> Backend:
+    """The implementation a buffered mix runs for `impl` on this (B, T, N_max, D) buffer."""
+    from muddformer.kernels.depth_mix_triton import triton_available
+
+    if impl == "triton":
+        if not triton_available(buffer.device):
+            raise ValueError(
+                "mix_impl='triton' needs the triton package and a CUDA device "
+                "(or TRITON_INTERPRET=1 on the CPU); use mix_impl='auto'"
+            )
+        return TritonMix
+    if impl == "compiled":
+        return CompiledMix if compiled.usable() else MatmulMix
+    if impl == "auto" and buffer.device.type == "cuda" and triton_available(buffer.device):
+        return TritonMix
+    per_state = buffer.numel() // max(buffer.shape[-2], 1)
+    if impl == "auto" and buffer.device.type == "cpu" and per_state >= COMPILE_MIN_ELEMENTS and compiled.usable():
+        return CompiledMix
+    return MatmulMix
 
 
 class _BufferedMix(torch.autograd.Function):
-    """out (B, T, C, D) = w @ X[:n]; the states are inputs only to route each one's gradient."""
+    """C outputs (B, T, D) = w @ X[:n]; the states are inputs only to route each one's gradient."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, buffer: DepthBuffer, triton: bool, *states: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, buffer: DepthBuffer, backend: Backend, *states: torch.Tensor):
         X = buffer.view(len(states))
-        ctx.triton = triton
+        ctx.backend = backend
         ctx.save_for_backward(w, X)
-        return _forward(w, X, triton)
+        return backend.forward(w, X)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
+    def backward(ctx, *grads: torch.Tensor):
         w, X = ctx.saved_tensors
-        gX, gW = _backward(w, X, g.contiguous(), ctx.triton)
-        grads = [gX[..., j, :] if ctx.needs_input_grad[3 + j] else None for j in range(X.shape[-2])]
-        return (gW if ctx.needs_input_grad[0] else None), None, None, *grads
+        gX, gW = ctx.backend.backward(w, X, grads)
+        if w.shape[:2] != gW.shape[:2]:  # static weights were broadcast over tokens
+            gW = gW.sum((0, 1), keepdim=True)
+        gX = gX.to(X.dtype)
+        states = [gX[..., j, :] if ctx.needs_input_grad[3 + j] else None for j in range(X.shape[-2])]
+        return (gW.to(w.dtype) if ctx.needs_input_grad[0] else None), None, None, *states
 
 
 def depth_mix_buffered(
@@ -171,21 +190,19 @@ def depth_mix_buffered(
 ) -> list[torch.Tensor]:
     """The mix over the buffer's first len(states) slots (`states` are the tensors `store` returned)."""
     _check(len(states), weights)
-    triton = _use_triton(impl, buffer.data)
+    backend = mix_backend(impl, buffer.data)
     if torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in states)):
-        out = _BufferedMix.apply(weights, buffer, triton, *states)
-    else:
-        out = _forward(weights, buffer.view(len(states)), triton)
-    return list(out.unbind(-2))
+        return list(_BufferedMix.apply(weights, buffer, backend, *states))
+    return list(backend.forward(weights, buffer.view(len(states))))
 
 
 def depth_mix(states: Sequence[torch.Tensor], weights: torch.Tensor, impl: str = "reference") -> list[torch.Tensor]:
-    """Mix a list of states by name of implementation: "reference", "compiled", or a buffered one
-    ("matmul", "triton", "auto")."""
+    """Mix a list of states by name of implementation: "reference", or a buffered one ("matmul", "compiled",
+    "triton", "auto")."""
     if impl not in IMPLS:
         raise ValueError(f"unknown depth_mix implementation {impl!r}; choose one of {', '.join(IMPLS)}")
-    if impl in UNBUFFERED:
-        return UNBUFFERED[impl](states, weights)
+    if impl == "reference":
+        return depth_mix_reference(states, weights)
     _check(len(states), weights)
     buffer = DepthBuffer(states[0], len(states))
     stored = [buffer.store(s) for s in states]
