@@ -28,12 +28,12 @@ def test_info_of_a_config_file(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["parameters"]["dense"] == 2 + 3
 
 
-@pytest.mark.slow
-def test_bad_input_gives_one_line_and_exit_2(tmp_path):
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, run_cli):
+    # In this process; the subprocess form (`python -m muddformer info no-such-preset`) is checked below.
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dim": 100, "n_head": 3}))
     for arg in ("no-such-preset", str(bad)):
-        proc = subprocess.run([sys.executable, "-m", "muddformer", "info", arg], capture_output=True, text=True)
+        proc = run_cli("info", arg)
         assert proc.returncode == 2
         assert proc.stderr.startswith("mudd: error: ") and proc.stderr.count("\n") == 1
         assert "Traceback" not in proc.stderr

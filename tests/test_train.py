@@ -38,7 +38,7 @@ SMALL = [
 ]
 
 
-def run_cli(args, timeout=300, **kwargs):
+def train_subprocess(args, timeout=300, **kwargs):
     return subprocess.run(
         [sys.executable, "-m", "muddformer", "train", *args],
         capture_output=True,
@@ -104,7 +104,7 @@ def test_short_run_writes_a_complete_run_folder(play_data, tmp_path):
 def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--max-steps", "120", "--save-every", "4", "--eval-every", "60"]
     full, broken = tmp_path / "full", tmp_path / "broken"
-    assert run_cli(args + ["--out", str(full)]).returncode == 0
+    assert train_subprocess(args + ["--out", str(full)]).returncode == 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "muddformer", "train", *args, "--out", str(broken)],
         stdout=subprocess.DEVNULL,
@@ -118,7 +118,7 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     proc.wait()
     kept = sorted(os.listdir(broken / "checkpoints"))
     assert "step_000120" not in kept  # it really died mid-run
-    resumed = run_cli(args + ["--out", str(broken)])
+    resumed = train_subprocess(args + ["--out", str(broken)])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     assert_same_weights(full / "checkpoints" / "step_000120", broken / "checkpoints" / "step_000120")
@@ -130,12 +130,12 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
 def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--save-every", "4", "--eval-every", "100", "--sample-tokens", "0"]
     run = tmp_path / "run"
-    assert run_cli(args + ["--max-steps", "4", "--out", str(run)]).returncode == 0
+    assert train_subprocess(args + ["--max-steps", "4", "--out", str(run)]).returncode == 0
     faster = ["--set", "recompute_mix=true", "--set", "mix_impl=reference", "--set", "attn_impl=reference"]
-    resumed = run_cli(args + faster + ["--max-steps", "8", "--out", str(run)])
+    resumed = train_subprocess(args + faster + ["--max-steps", "8", "--out", str(run)])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    refused = run_cli(args + ["--set", "dense_hidden=16", "--max-steps", "12", "--out", str(run)])
+    refused = train_subprocess(args + ["--set", "dense_hidden=16", "--max-steps", "12", "--out", str(run)])
     assert refused.returncode == 2 and "different config" in refused.stderr
 
 
@@ -143,11 +143,11 @@ def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_pa
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--save-every", "4", "--eval-every", "100", "--keep-checkpoints", "5"]
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert run_cli(args + ["--max-steps", "12", "--out", str(ref)]).returncode == 0
-    assert run_cli(args + ["--max-steps", "12", "--out", str(run)]).returncode == 0
+    assert train_subprocess(args + ["--max-steps", "12", "--out", str(ref)]).returncode == 0
+    assert train_subprocess(args + ["--max-steps", "12", "--out", str(run)]).returncode == 0
     latest = run / "checkpoints" / "step_000012" / "model.safetensors"
     latest.write_bytes(latest.read_bytes()[:1000])
-    again = run_cli(args + ["--max-steps", "12", "--out", str(run)])
+    again = train_subprocess(args + ["--max-steps", "12", "--out", str(run)])
     assert again.returncode == 0, again.stderr
     assert "checkpoint step 12 is unusable" in again.stdout and "resuming from" in again.stdout
     assert "step_000008" in again.stdout
@@ -156,7 +156,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(play_data, tmp_pat
 
 def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(
+    proc = train_subprocess(
         SMALL
         + [
             "--data",
@@ -194,10 +194,10 @@ def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
         (["--batch-size", "0"], "--batch-size must be positive"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(play_data, tmp_path, args, message):
+def test_bad_input_is_one_line_and_writes_nothing(play_data, tmp_path, run_cli, args, message):
     out = tmp_path / "run"
-    base = ["--preset", "nano", "--data", str(play_data), "--out", str(out), "--max-steps", "2"]
-    proc = run_cli(base + args)
+    base = ["train", "--preset", "nano", "--data", str(play_data), "--out", str(out), "--max-steps", "2"]
+    proc = run_cli(*base, *args)
     assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -205,7 +205,7 @@ def test_bad_input_is_one_line_and_writes_nothing(play_data, tmp_path, args, mes
 
 
 @pytest.mark.slow
-def test_config_file_overrides_and_empty_data(play_data, tmp_path):
+def test_config_file_overrides_and_empty_data(play_data, tmp_path, run_cli):
     cfg = tmp_path / "model.yaml"
     cfg.write_text("n_layer: 3\nconnection: denseformer\n")
     out = tmp_path / "run"
@@ -214,7 +214,7 @@ def test_config_file_overrides_and_empty_data(play_data, tmp_path):
     assert saved["n_layer"] == 3 and saved["connection"] == "denseformer"
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_cli(["--preset", "nano", "--data", str(empty), "--out", str(tmp_path / "r2")])
+    proc = run_cli("train", "--preset", "nano", "--data", str(empty), "--out", str(tmp_path / "r2"))
     assert proc.returncode == 2 and "not a prepared data folder" in proc.stderr
 
 
@@ -262,7 +262,7 @@ def test_compile_with_activation_checkpointing(play_data, tmp_path):
 def test_default_data_is_the_bundled_corpus(tmp_path):
     env = {**os.environ, "MUDD_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
-    proc = run_cli(
+    proc = train_subprocess(
         [
             "--preset",
             "nano",

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from muddformer.config import MIX_IMPLS as IMPLS
 import muddformer.kernels.depth_mix_compiled as compiled
+from muddformer.config import MIX_IMPLS as IMPLS
 
 
 def _check(n_states: int, weights: torch.Tensor) -> None:
