@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_train import SMALL, run_cli, weights
+from test_train import SMALL, train_subprocess, weights
 
 from muddformer import MuddForCausalLM
 
@@ -64,7 +64,7 @@ def assert_close_weights(a, b, atol=1e-4):
 @pytest.fixture(scope="module")
 def single(play_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    proc = run_cli(COMMON + ["--data", str(play_data), "--batch-size", "8", "--out", str(out)])
+    proc = train_subprocess(COMMON + ["--data", str(play_data), "--batch-size", "8", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -91,7 +91,7 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_back(play_data, single, tmp_
     MuddForCausalLM.from_pretrained(a / "checkpoints" / "step_000006")  # loads as a plain model folder
     for step in ("step_000006", "step_000009"):
         shutil.rmtree(a / "checkpoints" / step)
-    proc = run_cli(args + ["--batch-size", "8", "--out", str(a)])
+    proc = train_subprocess(args + ["--batch-size", "8", "--out", str(a)])
     assert proc.returncode == 0 and "step_000003 (step 3)" in proc.stdout
     assert_close_weights(single / "checkpoints" / "step_000009", a / "checkpoints" / "step_000009")
     # A single process writes, FSDP2 resumes from step 6.
@@ -139,7 +139,7 @@ def test_experts_and_windows_under_fsdp_and_activation_checkpointing_equal_one_r
     args += ["--set", "moe_aux_loss_weight=0", "--set", "mix_impl=reference"]
     args += ["--set", "attn_window=5", "--set", "attn_global_every=2"]  # shorter than --seq-len: the band masks
     one = tmp_path / "one"
-    proc = run_cli(args + ["--batch-size", "8", "--out", str(one)])
+    proc = train_subprocess(args + ["--batch-size", "8", "--out", str(one)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "fsdp"
     torchrun(args + ["--batch-size", "4", "--parallel", "fsdp", "--activation-checkpointing"], two)
