@@ -143,6 +143,13 @@ def assert_one_line_error(proc, *words):
 
 
 @pytest.fixture(scope="session")
+def bundled_cache(tmp_path_factory) -> Path:
+    """One MUDD_CACHE for the tests that train on the default data: the bundled corpus is tokenised into it
+    (tens of seconds) by whichever runs first."""
+    return tmp_path_factory.mktemp("mudd-cache")
+
+
+@pytest.fixture(scope="session")
 def play_data(tmp_path_factory):
     """Four plays of the bundled corpus tokenised with a 512-token BPE (the `nano` preset's vocabulary)."""
     from muddformer.data.corpus import bundled_plays

@@ -15,13 +15,13 @@ import torch
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
 
 
-def run_check(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHON=sys.executable)
+def run_check(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable, **({"MUDD_CACHE": str(cache)} if cache else {}))
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=400)
 
 
-def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
-    done = run_check(str(tmp_path), "--dry-run")
+def test_dry_run_runs_every_step_and_writes_the_report(tmp_path, bundled_cache):
+    done = run_check(str(tmp_path), "--dry-run", cache=bundled_cache)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] is True

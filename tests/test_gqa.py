@@ -66,11 +66,9 @@ def test_a_fresh_connection_computes_the_residual_model_with_gqa(connection):
     torch.testing.assert_close(other(x).logits, residual(x).logits, atol=1e-6, rtol=1e-6)
 
 
-def test_gqa_compiles_with_fullgraph_and_has_fewer_parameters():
+def test_gqa_has_fewer_parameters():
+    # Its fullgraph compile: test_model_pieces (GQA with windows and experts).
     model = build(connection="mudd", n_kv_head=2, **SHAPE)
-    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
-    compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(compiled(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
     mha = build(connection="mudd", **SHAPE)
     saved = count_parameters(mha)["total"] - count_parameters(model)["total"]
     assert saved == model.config.n_layer * 2 * SHAPE["dim"] * (SHAPE["dim"] - model.config.kv_dim)

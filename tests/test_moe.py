@@ -12,6 +12,7 @@ from conftest import assert_causal, build, nano_run, randomize_connection
 
 from muddformer import ConfigError, MuddConfig, copy_shared_weights, count_parameters
 from muddformer.inference.kv_cache import KVCache
+from muddformer.model import training_loss
 from muddformer.moe import MoEFeedForward
 from muddformer.training.metrics import flops_per_token
 from muddformer.training.parallel import DistInfo, apply_activation_checkpointing, parallelize
@@ -192,19 +193,23 @@ def test_the_grouped_experts_op_has_exact_gradients_and_a_consistent_registratio
     torch.library.opcheck(grouped_experts, args)
 
 
-def test_experts_train_compiled_under_activation_checkpointing():
-    # The trainer's setup for both options: each block compiled on its own inside its checkpoint.
-    model = build(**MOE, connection="mudd")
+@pytest.mark.parametrize("ffn", ["dense", "experts"])
+def test_compile_under_activation_checkpointing_equals_eager(ffn):
+    # The trainer's setup for both options (training/parallel.py): the whole model compiled around its
+    # checkpointed blocks, or, with experts, each block compiled on its own inside its checkpoint.
+    model = build(**(MOE if ffn == "experts" else dict(n_layer=3, dim=32, n_head=2)), connection="mudd")
     randomize_connection(model)
     x = ids(5)
     out = model(x, labels=x)
-    (out.loss + out.aux_loss).backward()
+    training_loss(out).backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     both = parallelize(model, DistInfo(), "none", activation_checkpointing=True, compile=True)
     got = both(x, labels=x)
-    (got.loss + got.aux_loss).backward()
+    training_loss(got).backward()
     torch.testing.assert_close(got.loss, out.loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got.aux_loss, out.aux_loss, atol=1e-6, rtol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, plain[name], atol=1e-5, rtol=1e-4, msg=name)
+    if ffn == "experts":
+        torch.testing.assert_close(got.aux_loss, out.aux_loss, atol=1e-6, rtol=1e-5)
+    for name, p in model.named_parameters():  # compiled float32 sums over tokens in another order: 1e-4 of the largest
+        atol = 2e-4 * plain[name].abs().max().item()
+        torch.testing.assert_close(p.grad, plain[name], atol=atol, rtol=1e-4, msg=name)

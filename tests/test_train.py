@@ -251,16 +251,8 @@ def test_options_train_like_the_plain_loop(play_data, tmp_path, option):
 
 
 @pytest.mark.slow
-def test_compile_with_activation_checkpointing(play_data, tmp_path):
-    plain = train(nano_run(play_data, tmp_path / "plain"))
-    compiled = train(nano_run(play_data, tmp_path / "compiled", compile=True, activation_checkpointing=True))
-    assert compiled["loss"] == pytest.approx(plain["loss"], abs=1e-4)
-    assert compiled["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4)
-
-
-@pytest.mark.slow
-def test_default_data_is_the_bundled_corpus(tmp_path):
-    env = {**os.environ, "MUDD_CACHE": str(tmp_path / "cache")}
+def test_default_data_is_the_bundled_corpus(tmp_path, bundled_cache):
+    env = {**os.environ, "MUDD_CACHE": str(bundled_cache)}
     out = tmp_path / "run"
     proc = train_subprocess(
         [
@@ -285,7 +277,7 @@ def test_default_data_is_the_bundled_corpus(tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr
-    prepared = tmp_path / "cache" / "data" / "shakespeare-bpe8192"
+    prepared = bundled_cache / "data" / "shakespeare-bpe8192"
     meta = json.loads((prepared / "meta.json").read_text())
     assert meta["vocab_size"] == 8192 and meta["source"] == "bundled:shakespeare"
     assert meta["splits"]["train"]["tokens"] > 1_000_000 and meta["splits"]["val"]["tokens"] > 50_000
