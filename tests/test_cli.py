@@ -2,8 +2,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from muddformer.cli import main
 
 
@@ -51,14 +49,9 @@ def test_convert_round_trip(fixtures_dir, tmp_path, capsys):
     assert "muddpythia-1.4b" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_python_dash_m_muddformer_is_the_mudd_command():
-    """`python -m muddformer` (what `torchrun -m muddformer train` runs) dispatches like `mudd`."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "muddformer", "info", "nano", "--json"], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["config"]["n_layer"] == 2
+    """`python -m muddformer` (what `torchrun -m muddformer train` runs) dispatches like `mudd`: its one-line
+    error here; its bench and train runs in test_gpu_check (the GPU check's dry run calls them this way)."""
     proc = subprocess.run(
         [sys.executable, "-m", "muddformer", "info", "no-such-preset"], capture_output=True, text=True
     )
