@@ -254,7 +254,7 @@ class DenseConnection(Connection):
         if self.plan[layer] is None:  # a sparse model skips this aggregation: a plain residual step
             state.next_input = gen_input
         elif self.recompute and layer < self.n_layer - 1 and torch.is_grad_enabled():
-            state.next_input = _Pending(layer, gen_input, len(state.stored))  # made inside the next block
+            state.next_input = _Pending(gen_input, len(state.stored))  # made inside the next block
         else:
             state.next_input = self.next_inputs(state.buffer, state.stored, layer, gen_input)
 
@@ -301,9 +301,12 @@ class DenseConnection(Connection):
         """Block inputs recomputed in backward: only the stored states and the generator input are kept,
         not the mixed streams, their normalised copies or the generator's activations (architecture §5 memory)."""
         buffer, states, p = pending
+        # The aggregation after the previous block, read off the block: under a per-block compile an int carried
+        # in the input becomes symbolic once blocks differ, and the generators' module keys need a plain int.
+        layer = block.layer_idx - 1
 
         def normed_inputs(gen_input: torch.Tensor, *states: torch.Tensor):
-            x = self.next_inputs(buffer, list(states), p.layer, gen_input)
+            x = self.next_inputs(buffer, list(states), layer, gen_input)
             value = (x.value,) if isinstance(x, ValueAdded) else ()
             return (*block.attention_inputs(x), residual_input(x), *value)
 
@@ -313,9 +316,8 @@ class DenseConnection(Connection):
 
 @dataclass
 class _Pending:
-    """Block `layer`'s output is stored; the next block makes its inputs from the first n_states states."""
+    """A block's output is stored; the next block makes its inputs from the first n_states states."""
 
-    layer: int
     gen_input: torch.Tensor
     n_states: int
 

@@ -56,7 +56,7 @@ class BenchConfig:
         flag="--set",
         parse=parse_set_item,
         metavar="FIELD=VALUE",
-        help="MuddConfig override for every model, e.g. --set mix_impl=reference --set recompute_mix=true",
+        help="MuddConfig override for every model, e.g. --set mix_impl=reference --set recompute_mix=false",
     )
     mix_impls: list[str] = option(
         factory=list,
