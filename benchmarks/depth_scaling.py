@@ -4,8 +4,9 @@
 
 The depth mix does O(L^2) work in all (each of L aggregations reads up to L+1 states), the rest of the
 model O(L): the ratios to Transformer++ at each depth show whether that term shows. Per depth: the train
-step, saved-activation (also with recompute_mix) and decode ratios and the mix's speedup over the naive
-loop. Writes OUT/depth.json, OUT/depth.md and OUT/depth.png.
+step, saved-activation and decode ratios with recompute_mix off (the block inputs kept, as in
+docs/benchmarks.md run 8), the saved-activation ratio with it on (the default), and the mix's speedup over
+the naive loop. Writes OUT/depth.json, OUT/depth.md and OUT/depth.png.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from pathlib import Path
 import torch
 
 from muddformer.config import MuddConfig
-from muddformer.experiments.bench import BenchConfig, build, run_bench, saved_activation_bytes
-from muddformer.model import training_loss
+from muddformer.experiments.bench import BenchConfig, build, run_bench, training_activation_bytes
 from muddformer.plotting import pyplot, save_png
 
 RATIOS = ("train_step_ratio", "memory_ratio", "recompute_memory_ratio", "decode_ratio", "mix_speedup")
@@ -29,11 +29,12 @@ def recompute_memory_ratio(bc: BenchConfig) -> float:
     cfg = MuddConfig.from_preset(bc.preset).replace(**bc.overrides)
     seq = bc.seq_len or cfg.block_size
     ids = torch.randint(0, cfg.vocab_size, (bc.batch_size, seq), generator=torch.Generator().manual_seed(0))
-    saved = {}
-    for name, extra in (("residual", {}), ("mudd", {"recompute_mix": True})):
-        model = build(cfg.replace(connection=name, **extra), bc, torch.device("cpu"))
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved[name] = saved_activation_bytes(lambda: training_loss(model(ids, labels=ids)), params)
+    saved = {
+        name: training_activation_bytes(
+            build(cfg.replace(connection=name, recompute_mix=True), bc, torch.device("cpu")), ids
+        )
+        for name in ("residual", "mudd")
+    }
     return saved["mudd"] / saved["residual"]
 
 
@@ -54,7 +55,7 @@ def main() -> None:
             reps=args.reps,
             batch_size=args.batch_size,
             compile=args.compile,
-            overrides={"n_layer": depth},
+            overrides={"n_layer": depth, "recompute_mix": False},
             decode_tokens=32,
         )
         report = run_bench(bc)

@@ -15,8 +15,8 @@ import json
 import torch
 
 from muddformer.config import MuddConfig
-from muddformer.experiments.bench import interleaved_medians, saved_activation_bytes, train_step_fn
-from muddformer.model import MuddModel, training_loss
+from muddformer.experiments.bench import interleaved_medians, train_step_fn, training_activation_bytes
+from muddformer.model import MuddModel
 
 VARIANTS = {
     "residual": dict(connection="residual"),
@@ -32,9 +32,7 @@ def measure(preset: str, n_layer: int, reps: int, batch: int) -> dict:
     for name, options in VARIANTS.items():
         torch.manual_seed(0)
         model = MuddModel(base.replace(**options))
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved[name] = saved_activation_bytes(lambda: training_loss(model(ids, labels=ids)), params)
-        model.zero_grad(set_to_none=True)
+        saved[name] = training_activation_bytes(model, ids)
         steps[name] = train_step_fn(model, ids)
     times = interleaved_medians(steps, reps, 2, torch.device("cpu"))
     return {

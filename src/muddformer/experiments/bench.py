@@ -118,6 +118,14 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor], params: set[int]) -> 
     return sum(storages.values())
 
 
+def training_activation_bytes(model: MuddModel, ids: torch.Tensor) -> int:
+    """Bytes of activations one training forward of `model` on `ids` saves for backward (its parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = saved_activation_bytes(lambda: training_loss(model(ids, labels=ids)), params)
+    model.zero_grad(set_to_none=True)
+    return saved
+
+
 def build(cfg: MuddConfig, bc: BenchConfig, device: torch.device) -> MuddModel:
     torch.manual_seed(bc.seed)
     return MuddModel(cfg).to(device=device, dtype=bc.torch_dtype)
@@ -218,10 +226,8 @@ def run_bench(bc: BenchConfig) -> dict:
 
     results: dict = {name: {"parameters": count_parameters(m)["total"]} for name, m in models.items()}
     # Memory first, on fresh models: activations saved for backward (exact), and CUDA peak.
-    params = {p.untyped_storage().data_ptr() for m in models.values() for p in m.parameters()}
     for name, model in models.items():
-        results[name]["saved_bytes"] = saved_activation_bytes(lambda: training_loss(model(ids, labels=ids)), params)
-        model.zero_grad(set_to_none=True)
+        results[name]["saved_bytes"] = training_activation_bytes(model, ids)
     compiled = {name: torch.compile(m) if bc.compile else m for name, m in models.items()}
     steps = {name: train_step_fn(m, ids) for name, m in compiled.items()}
     if device.type == "cuda":
