@@ -187,6 +187,26 @@ def test_buffered_mix_equals_reference_values_and_gradients(block, connection, d
     assert_grads_close(grads, ref_grads)
 
 
+def test_inference_normalises_the_stacked_streams_in_one_call():
+    # Without gradients the matmul mix hands the next block its four streams as views of one tensor, and
+    # the block normalises q, k and v in one call: the same values as three norms.
+    from muddformer.layers import Streams
+
+    model = build(seed=4, connection="mudd").eval()
+    randomize_connection(model)
+    seen = []
+    model.layers[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        logits = model(ids()).logits
+        assert isinstance(seen[0], Streams)
+        block = model.layers[1]
+        for a, b in zip(block.attention_inputs(seen[0]), block.attention_inputs(tuple(seen[0]))):
+            torch.testing.assert_close(a, b, atol=0, rtol=1e-6)
+        reference = build(seed=4, connection="mudd", mix_impl="reference").eval()
+        randomize_connection(reference)
+        torch.testing.assert_close(logits, reference(ids()).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_mix_equals_reference_and_compiles_once_for_every_depth():
     # mix_impl="compiled": the forward and the gradients are formulas compiled with every size dynamic,
     # so a deeper model (more states per mix) runs the graphs the shallower one compiled.

@@ -67,6 +67,23 @@ def test_post_init_keeps_the_cores_initialisation():
     assert b["connection.dense_bs.0"].tolist() == [[0.0, 1.0]] * 4
 
 
+def test_torch_rms_norm_is_the_reference_formula_in_float32():
+    # RMSNorm and the generator's norm call torch's rms_norm on float32 because it computes the reference
+    # formula bit for bit in fewer dispatches; a release that changes its arithmetic must not pass silently.
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 96) * 3).requires_grad_()
+    w = torch.randn(96).requires_grad_()
+    for weight in (w, None):
+        ours = torch.nn.functional.rms_norm(x, (96,), weight, 1e-6)
+        reference = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        reference = reference * weight if weight is not None else reference
+        assert torch.equal(ours, reference)
+        g = torch.randn_like(ours)
+        inputs = (x, w) if weight is not None else (x,)
+        grads = torch.autograd.grad(ours, inputs, g), torch.autograd.grad(reference, inputs, g)
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_dynamo_recompile_limit_is_raised_inside_the_context():
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"

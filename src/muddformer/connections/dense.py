@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from muddformer.config import MuddConfig
 from muddformer.connections.base import Connection
 from muddformer.kernels.depth_mix import DepthBuffer, depth_mix_buffered, depth_mix_reference
-from muddformer.layers import Block, BlockInput, RMSNorm, ValueAdded, residual_input, rms_norm_no_scale
+from muddformer.layers import Block, BlockInput, RMSNorm, Streams, ValueAdded, residual_input, rms_norm_no_scale
 
 
 def generator_width(n_streams: int, n_states: int, last: bool, expand_last: bool, round64: bool) -> int:
@@ -53,7 +53,8 @@ class WeightGenerator(nn.Module):
             h = self.norm(x)
         else:
             h = rms_norm_no_scale(x, self.eps) if self.input_norm else x
-        return self.w2(F.gelu(self.w1(h)))
+        # The weights directly rather than through the Linear modules: a decode step pays per call.
+        return F.linear(F.gelu(F.linear(h, self.w1.weight)), self.w2.weight)
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,8 @@ class DenseConnection(Connection):
                 r = gen_input + scales[3] * by_position[3] if 3 in by_position else gen_input
                 return ValueAdded(r, scales[2] * by_position[2])
             streams = [gen_input + scales[c] * by_position[c] if c in by_position else gen_input for c in range(n_out)]
+        elif isinstance(mixed, Streams) and agg.streams == (0, 1, 2, 3):  # all four mixed, as one tensor
+            return mixed
         else:  # streams that are not mixed take the newest state, as in a residual model
             streams = [by_position.get(c, gen_input) for c in range(n_out)]
         return cast(BlockInput, tuple(streams)) if n_out == 4 else streams[0]

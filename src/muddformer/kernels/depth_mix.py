@@ -23,6 +23,7 @@ import torch
 
 import muddformer.kernels.depth_mix_compiled as compiled
 from muddformer.config import MIX_IMPLS as IMPLS
+from muddformer.layers import Streams
 
 
 def _check(n_states: int, weights: torch.Tensor) -> None:
@@ -93,7 +94,7 @@ class MatmulMix:
 
     @staticmethod
     def forward(w: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.matmul(w.to(X.dtype), X).unbind(-2)
+        return Streams(torch.matmul(w.to(X.dtype), X))
 
     @staticmethod
     def backward(w: torch.Tensor, X: torch.Tensor, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,16 +188,16 @@ class _BufferedMix(torch.autograd.Function):
 
 def depth_mix_buffered(
     buffer: DepthBuffer, states: Sequence[torch.Tensor], weights: torch.Tensor, impl: str = "auto"
-) -> list[torch.Tensor]:
+) -> Sequence[torch.Tensor]:
     """The mix over the buffer's first len(states) slots (`states` are the tensors `store` returned)."""
     _check(len(states), weights)
     backend = mix_backend(impl, buffer.data)
     if torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in states)):
         return list(_BufferedMix.apply(weights, buffer, backend, *states))
-    return list(backend.forward(weights, buffer.view(len(states))))
+    return backend.forward(weights, buffer.view(len(states)))  # the matmul's Streams keep their stacked tensor
 
 
-def depth_mix(states: Sequence[torch.Tensor], weights: torch.Tensor, impl: str = "reference") -> list[torch.Tensor]:
+def depth_mix(states: Sequence[torch.Tensor], weights: torch.Tensor, impl: str = "reference") -> Sequence[torch.Tensor]:
     """Mix a list of states by name of implementation: "reference", or a buffered one ("matmul", "compiled",
     "triton", "auto")."""
     if impl not in IMPLS:
