@@ -6,7 +6,7 @@ import torch
 from conftest import small_config
 
 from muddformer.cli import main
-from muddformer.experiments.bench import mix_step_fns, saved_activation_bytes
+from muddformer.experiments.bench import mix_step_fns, paired_ratio, saved_activation_bytes
 
 
 def test_bench_json_has_the_ratios(capsys, tmp_path):
@@ -98,3 +98,11 @@ def test_bench_runs_windows_grouped_attention_and_experts(capsys):
         assert main(args + ["--set", option, "--set", "n_kv_head=1"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["train_step_ratio"] > 0 and report["decode_ratio"] > 0
+
+
+def test_time_ratios_pair_the_rounds():
+    # Per-round ratios 2, 2, 1: median 2, inclusive quartiles 1.5 and 2.
+    assert paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 3.0]) == (2.0, [1.5, 2.0])
+    # A round where the machine ran 10x slower for both models leaves the ratio as it was.
+    assert paired_ratio([1.0, 10.0], [2.0, 20.0]) == (0.5, [0.5, 0.5])
+    assert paired_ratio([3.0], [2.0]) == (1.5, [1.5, 1.5])

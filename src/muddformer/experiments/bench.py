@@ -1,11 +1,12 @@
 """`mudd bench`: MUDD's real cost against Transformer++ of the same shape, measured in one run.
 
 Every figure is a ratio to the baseline measured in the same process, interleaving the models
-(A B, B A, ...) and taking medians after warm-up, because absolute times on a shared machine are
-noise. Measured per connection: a training step (forward, backward, AdamW), prefill, cached decode,
-memory (CUDA: peak allocated; everywhere: the exact bytes of activations saved for backward, counted
-with saved-tensor hooks), and the depth mixing alone: one training step's worth of mixes, forward
-and backward, ours against the naive per-state loop of the reference (architecture §2.6).
+(A B, B A, ...) after warm-up, because absolute times on a shared machine are noise: a time ratio is
+the median over rounds of that round's ratio, with its quartiles (`*_ratio_iqr`) as the spread.
+Measured per connection: a training step (forward, backward, AdamW), prefill, cached decode, memory
+(CUDA: peak allocated; everywhere: the exact bytes of activations saved for backward, counted with
+saved-tensor hooks), and the depth mixing alone: one training step's worth of mixes, forward and
+backward, ours against the naive per-state loop of the reference (architecture §2.6).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -84,10 +86,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(
-    fns: dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds of each callable; every repetition runs all of them, in alternating order."""
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device: torch.device, self_timed: bool = False
+) -> dict[str, list[float]]:
+    """Seconds of each callable per round; every round runs all of them, in alternating order. `self_timed`
+    callables return their own measurement (e.g. seconds per decoded token) instead of their wall time."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -97,10 +100,27 @@ def interleaved_medians(
         for name in names if rep % 2 == 0 else names[::-1]:
             _sync(device)
             start = time.perf_counter()
-            fns[name]()
+            own = fns[name]()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append(own if self_timed else time.perf_counter() - start)
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of each callable over interleaved rounds (`interleaved_times`)."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, reps, warmup, device).items()}
+
+
+def paired_ratio(times: list[float], baseline: list[float]) -> tuple[float, list[float]]:
+    """The median and quartiles of time / baseline time, round by round: each round ran both back to back,
+    so a machine that slows down for a while slows both sides of a pair and the ratio keeps."""
+    ratios = [t / b for t, b in zip(times, baseline)]
+    if len(ratios) == 1:
+        return ratios[0], [ratios[0], ratios[0]]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, [q1, q3]
 
 
 def saved_activation_bytes(fn: Callable[[], torch.Tensor], params: set[int]) -> int:
@@ -238,8 +258,9 @@ def run_bench(bc: BenchConfig) -> dict:
             step()
             results[name]["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     peak = peak_flops(device)
-    for name, t in interleaved_medians(steps, bc.reps, bc.warmup, device).items():
-        results[name]["train_step_s"] = t
+    rounds: dict[str, dict[str, list[float]]] = {"train_step": interleaved_times(steps, bc.reps, bc.warmup, device)}
+    for name, times in rounds["train_step"].items():
+        t = results[name]["train_step_s"] = statistics.median(times)
         results[name]["train_tokens_per_s"] = ids.numel() / t
         if peak:  # model FLOPs utilisation against the GPU's dense bf16 peak
             flops = flops_per_token(configs[name], results[name]["parameters"], seq) * ids.numel()
@@ -252,19 +273,15 @@ def run_bench(bc: BenchConfig) -> dict:
 
         return run
 
-    for name, t in interleaved_medians({n: prefill(m) for n, m in models.items()}, bc.reps, bc.warmup, device).items():
-        results[name]["prefill_s"] = t
+    rounds["prefill"] = interleaved_times({n: prefill(m) for n, m in models.items()}, bc.reps, bc.warmup, device)
     decoders = {
         name: decode_seconds_per_token(m.eval(), prompt, bc.decode_tokens, bc.compile) for name, m in models.items()
     }
-    per_token: dict[str, list[float]] = {name: [] for name in names}
-    for fn in decoders.values():
-        fn()  # warm-up (and compilation)
-    for rep in range(bc.reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            per_token[name].append(decoders[name]())
-    for name, values in per_token.items():
-        results[name]["decode_tokens_per_s"] = bc.decode_batch / statistics.median(values)
+    # One warm-up round at least: it compiles the decode step.
+    rounds["decode"] = interleaved_times(decoders, bc.reps, max(bc.warmup, 1), device, self_timed=True)
+    for name in names:
+        results[name]["prefill_s"] = statistics.median(rounds["prefill"][name])
+        results[name]["decode_tokens_per_s"] = bc.decode_batch / statistics.median(rounds["decode"][name])
 
     mix_cfg = configs[names[1]] if len(names) > 1 else base
     mix_fns = mix_step_fns(mix_cfg, bc.batch_size, seq, device, bc.torch_dtype)
@@ -292,9 +309,12 @@ def run_bench(bc: BenchConfig) -> dict:
     memory_key = "peak_bytes" if device.type == "cuda" else "saved_bytes"
     for name in names[1:]:
         r = results[name]
-        r["train_step_ratio"] = r["train_step_s"] / ref["train_step_s"]
-        r["prefill_ratio"] = r["prefill_s"] / ref["prefill_s"]
-        r["decode_ratio"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        # Ratios of times paired by round (tokens/s: the baseline's time over this model's).
+        r["train_step_ratio"], r["train_step_ratio_iqr"] = paired_ratio(
+            rounds["train_step"][name], rounds["train_step"][BASELINE]
+        )
+        r["prefill_ratio"], r["prefill_ratio_iqr"] = paired_ratio(rounds["prefill"][name], rounds["prefill"][BASELINE])
+        r["decode_ratio"], r["decode_ratio_iqr"] = paired_ratio(rounds["decode"][BASELINE], rounds["decode"][name])
         r["memory_ratio"] = r[memory_key] / ref[memory_key]
         r["saved_bytes_ratio"] = r["saved_bytes"] / ref["saved_bytes"]
     headline = names[1] if len(names) > 1 else BASELINE
@@ -331,10 +351,13 @@ def format_report(report: dict) -> str:
     lines.append("  ratios to residual (Transformer++ of the same shape):")
     for name, r in report["models"].items():
         if "train_step_ratio" in r:
+            spread = {k: "[{:.3f}, {:.3f}]".format(*r[f"{k}_ratio_iqr"]) for k in ("train_step", "prefill", "decode")}
             lines.append(
-                f"    {name:<12} train step {r['train_step_ratio']:.3f}  memory {r['memory_ratio']:.3f}  "
-                f"prefill {r['prefill_ratio']:.3f}  decode tok/s {r['decode_ratio']:.3f}"
+                f"    {name:<12} train step {r['train_step_ratio']:.3f} {spread['train_step']}  memory "
+                f"{r['memory_ratio']:.3f}  prefill {r['prefill_ratio']:.3f} {spread['prefill']}  "
+                f"decode tok/s {r['decode_ratio']:.3f} {spread['decode']}"
             )
+    lines.append("  (time ratios: median over interleaved rounds of the round's ratio [quartiles])")
     lines.append(
         f"  depth mixing of one {report['headline']} training step (fwd+bwd): naive loop "
         f"{report['mix_naive_s'] * 1e3:.2f} ms, ours ({report['mix_impl']}) {report['mix_ours_s'] * 1e3:.2f} ms, "
