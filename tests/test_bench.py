@@ -3,7 +3,7 @@
 import json
 
 import torch
-from conftest import small_config
+from conftest import REPO, small_config
 
 from muddformer.cli import main
 from muddformer.experiments.bench import mix_step_fns, paired_ratio, saved_activation_bytes
@@ -106,3 +106,17 @@ def test_time_ratios_pair_the_rounds():
     # A round where the machine ran 10x slower for both models leaves the ratio as it was.
     assert paired_ratio([1.0, 10.0], [2.0, 20.0]) == (0.5, [0.5, 0.5])
     assert paired_ratio([3.0], [2.0]) == (1.5, [1.5, 1.5])
+
+
+def test_decode_step_operations_are_counted_and_stay_few():
+    # benchmarks/decode_ops.py counts what a decode step dispatches; MUDD's extra operations per layer were
+    # 40 before the decode work and 25 after (docs/benchmarks.md run 12). The bound catches a regression.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("decode_ops", REPO / "benchmarks" / "decode_ops.py")
+    decode_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_ops)
+    row = decode_ops.measure("nano", 2, "mudd")
+    assert row["residual_ops"] > 100 and row["mudd_ops"] > row["residual_ops"]
+    assert row["extra_ops_per_layer"] == (row["mudd_ops"] - row["residual_ops"]) / 2 <= 30
+    assert row["commonest_extra"]["mm"] == 2 * 2  # the generator's two matmuls in each of the 2 layers

@@ -55,10 +55,16 @@ class DepthBuffer:
     def __init__(self, like: torch.Tensor, capacity: int):
         self.data = like.new_empty(*like.shape[:-1], capacity, like.shape[-1])
         self.n = 0
+        # Decided once: inside the autograd Functions that write and read it, grad mode is always off.
+        self.for_autograd = torch.is_grad_enabled()
+
+    def _alias(self) -> torch.Tensor:
+        # A buffer made without gradients has nothing saved for backward: no alias needed, one operation less.
+        return self.data.data if self.for_autograd else self.data
 
     def view(self, n: int | None = None) -> torch.Tensor:
         """The first n slots (B, T, n, D), as an alias that later writes do not version-bump."""
-        return self.data.data[..., : self.n if n is None else n, :]
+        return self._alias()[..., : self.n if n is None else n, :]
 
     def store(self, x: torch.Tensor) -> torch.Tensor:
         if self.n == self.data.shape[-2]:
@@ -68,7 +74,7 @@ class DepthBuffer:
         return self._write(x)
 
     def _write(self, x: torch.Tensor) -> torch.Tensor:
-        slot = self.data.data[..., self.n, :]  # an alias of its own: later writes do not touch its version
+        slot = self._alias()[..., self.n, :]  # an alias of its own: later writes do not touch its version
         slot.copy_(x)
         self.n += 1
         return slot
@@ -94,7 +100,12 @@ class MatmulMix:
 
     @staticmethod
     def forward(w: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return Streams(torch.matmul(w.to(X.dtype), X))
+        w = w.to(X.dtype)
+        if w.shape[:2] != X.shape[:2]:  # static weights, broadcast over the tokens
+            return Streams(torch.matmul(w, X))
+        # Per-token weights: one bmm over the flattened tokens, without matmul's broadcasting expands.
+        mixed = torch.bmm(w.reshape(-1, *w.shape[2:]), _flat_tokens(X))
+        return Streams(mixed.view(*X.shape[:2], *mixed.shape[1:]))
 
     @staticmethod
     def backward(w: torch.Tensor, X: torch.Tensor, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
