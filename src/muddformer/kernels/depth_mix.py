@@ -63,7 +63,8 @@ class DepthBuffer:
         return self.data.data if self.for_autograd else self.data
 
     def view(self, n: int | None = None) -> torch.Tensor:
-        """The first n slots (B, T, n, D), as an alias that later writes do not version-bump."""
+        """The first n slots (B, T, n, D); in a buffer made for autograd, an alias that later writes do not
+        version-bump."""
         return self._alias()[..., : self.n if n is None else n, :]
 
     def store(self, x: torch.Tensor) -> torch.Tensor:
