@@ -36,6 +36,8 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path, bundled_cache):
     assert train["steps"] == 3 and math.isfinite(train["last_loss"]) and math.isfinite(train["val_loss"])
     assert [row["figure"] for row in report["targets"]] == ["train_step_ratio", "decode_ratio", "memory_ratio"]
     assert all(row["value"] is not None for row in report["targets"])
+    # Time ratios come with the bench's quartiles; the memory ratio is exact and has none.
+    assert [row["quartiles"] is not None for row in report["targets"]] == [True, True, False]
     md = (tmp_path / "gpu_check.md").read_text()
     assert "dry run on the CPU" in md and "| train | ok |" in md
     log = (tmp_path / "gpu_check.log").read_text()
