@@ -53,13 +53,13 @@ def measure(preset: str, n_layer: int, connection: str) -> dict:
         decode_step_ops(base.replace(connection="residual")),
         decode_step_ops(base.replace(connection=connection)),
     )
-    extra = ours - baseline
+    baseline_total, our_total = sum(baseline.values()), sum(ours.values())
     return {
         "n_layer": n_layer,
-        "residual_ops": sum(baseline.values()),
-        f"{connection}_ops": sum(ours.values()),
-        "extra_ops_per_layer": (sum(ours.values()) - sum(baseline.values())) / n_layer,
-        "commonest_extra": dict(extra.most_common(10)),
+        "residual_ops": baseline_total,
+        f"{connection}_ops": our_total,
+        "extra_ops_per_layer": (our_total - baseline_total) / n_layer,
+        "commonest_extra": dict((ours - baseline).most_common(10)),
     }
 
 

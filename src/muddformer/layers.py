@@ -280,7 +280,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         # Three RMSNorms of one width can run as one call on stacked streams (Streams).
-        self.stacked_norms, self.norm_eps = multiway_input and cfg.block == "llama", cfg.norm_eps
+        self.stacked_norms = multiway_input and cfg.block == "llama"
         if multiway_input:
             self.attention_norms = nn.ModuleList(make_norm(cfg) for _ in range(3))
         else:
@@ -295,8 +295,9 @@ class Block(nn.Module):
         """The normalised query, key and value inputs (one shared tensor for a single input)."""
         if isinstance(x, Streams) and self.stacked_norms and x.stacked.dtype == torch.float32:
             # One norm over the q, k, v rows: per row the arithmetic of three separate calls.
-            weights = torch.stack([cast(RMSNorm, norm).weight for norm in self.attention_norms])
-            q, k, v = (F.rms_norm(x.stacked[..., :3, :], weights.shape[-1:], None, self.norm_eps) * weights).unbind(-2)
+            norms = [cast(RMSNorm, norm) for norm in self.attention_norms]
+            weights = torch.stack([norm.weight for norm in norms])
+            q, k, v = (F.rms_norm(x.stacked[..., :3, :], weights.shape[-1:], None, norms[0].eps) * weights).unbind(-2)
             return q, k, v
         if isinstance(x, tuple):
             return tuple(norm(s) for norm, s in zip(self.attention_norms, x[:3]))
