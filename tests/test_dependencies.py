@@ -84,6 +84,16 @@ def test_torch_rms_norm_is_the_reference_formula_in_float32():
         assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+def test_torch_fused_rms_norm_returns_the_formula_and_its_rstd():
+    # The float32 norm's own backward (layers._Float32RMSNorm) takes out and rstd from this private op.
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 96) * 3
+    for weight in (torch.randn(96), None):
+        out, rstd = torch.ops.aten._fused_rms_norm(x, [96], weight, 1e-6)
+        assert torch.equal(out, torch.nn.functional.rms_norm(x, (96,), weight, 1e-6))
+        assert torch.equal(rstd, torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
 def test_dynamo_recompile_limit_is_raised_inside_the_context():
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
