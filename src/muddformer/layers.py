@@ -85,18 +85,20 @@ def make_norm(cfg: MuddConfig, dim: int | None = None) -> RMSNorm | nn.LayerNorm
 
 
 def rotary_table(cfg: MuddConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """cos/sin for positions [0, block_size) as a (block_size, rotary_dim/2, 2) float32 tensor.
+    """cos/sin for positions [0, block_size) as a (block_size, 2, rotary_dim) float32 tensor: row 0 is
+    (cos, cos), row 1 is (-sin, sin), over the two halves of the rotated features.
 
     Computed in float32, then rounded through `rope_table_dtype`: the published models use a
     bfloat16 (MUDDFormer) or float16 (MUDDPythia) table, which moves scores measurably (architecture §2.5).
+    Full-width contiguous rows let the rotation run as two multiplies and an add over whole heads.
     """
     n = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, n, 2, device=device)[: n // 2].float() / n))
     if cfg.rope_frequency_scaling == "llama3":
         inv_freq = llama3_frequencies(inv_freq, cfg)
     angles = torch.outer(torch.arange(cfg.block_size, device=device).float(), inv_freq)
-    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
-    return table.to(TABLE_DTYPES[cfg.rope_table_dtype]).float()
+    cos, sin = (t.to(TABLE_DTYPES[cfg.rope_table_dtype]).float() for t in (torch.cos(angles), torch.sin(angles)))
+    return torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], dim=1)
 
 
 def llama3_frequencies(inv_freq: torch.Tensor, cfg: MuddConfig) -> torch.Tensor:
@@ -110,18 +112,17 @@ def llama3_frequencies(inv_freq: torch.Tensor, cfg: MuddConfig) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """Rotate-half RoPE on the first `rotary_dim` features of x (B, T, H, d); table is (B or 1, T, rotary_dim/2, 2),
-    the cos/sin at each token's position.
+    """Rotate-half RoPE on the first `rotary_dim` features of x (B, T, H, d); table is (B or 1, T, 2, rotary_dim),
+    the rows of `rotary_table` at each token's position.
 
-    The reference writes the rotated pairs interleaved; the same permutation hits q and k, so
-    attention scores are identical to this contiguous layout (architecture §2.5).
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as x * (cos, cos) + (x2, x1) * (-sin, sin): the same
+    products and sums, so the same bits. The reference writes the rotated pairs interleaved; the same
+    permutation hits q and k, so attention scores are identical to this contiguous layout (architecture §2.5).
     """
     half = rotary_dim // 2
     xf = at_least_float32(x[..., :rotary_dim])
-    x1, x2 = xf[..., :half], xf[..., half:]
-    cos = table[:, :, None, :, 0]
-    sin = table[:, :, None, :, 1]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+    swapped = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
+    rotated = (xf * table[:, :, None, 0] + swapped * table[:, :, None, 1]).type_as(x)
     if rotary_dim == x.shape[-1]:
         return rotated
     return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
@@ -131,7 +132,7 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch
 class AttentionContext:
     """What every block's attention needs besides its inputs.
 
-    rope: cos/sin at each query's position, (B or 1, T, rotary_dim/2, 2).
+    rope: the `rotary_table` rows at each query's position, (B or 1, T, 2, rotary_dim).
     mask: bool (B or 1, 1, T, S), True where a query may attend to a key; None means plain causal
         attention over the T tokens themselves (training, full forward).
     window_mask: the same for layers with an attention window (None when no layer has one).

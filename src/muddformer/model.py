@@ -34,7 +34,7 @@ class CausalLMOutput:
 class MuddModel(nn.Module):
     """A causal language model of the MUDD family, configured by one MuddConfig."""
 
-    rope: torch.Tensor  # a buffer: cos/sin of every position (block_size, rotary_dim/2, 2)
+    rope: torch.Tensor  # a buffer: the rotary table of every position (block_size, 2, rotary_dim)
 
     def __init__(self, cfg: MuddConfig):
         super().__init__()
@@ -205,7 +205,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of position t's logits against labels[t+1]; label -100 is ignored."""
     if labels.shape != logits.shape[:2]:
         raise InputError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(logits.shape[:2])}")
-    return next_token_loss(logits[:, :-1], labels[:, 1:])
+    # The labels move, not the logits: slicing (B, T, V) logits would copy them, and their gradient, whole.
+    return next_token_loss(logits, F.pad(labels[:, 1:], (0, 1), value=-100))
 
 
 def training_loss(out: CausalLMOutput) -> torch.Tensor:
