@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from muddformer import layers
 from muddformer.layers import RMSNorm, _Float32RMSNorm, float32_rms_norm, rms_norm_no_scale
 
 
@@ -20,8 +21,10 @@ def test_backward_is_the_formulas_derivative_in_float64(with_weight):
     assert torch.autograd.gradcheck(_Float32RMSNorm.apply, inputs)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-op", "older-torch"])
 @pytest.mark.parametrize("frozen", ["none", "weight", "input"])
-def test_float32_values_and_gradients_equal_autograd_of_the_formula(frozen):
+def test_float32_values_and_gradients_equal_autograd_of_the_formula(frozen, fused, monkeypatch):
+    monkeypatch.setattr(layers, "HAS_FUSED_RMS_NORM", fused)
     torch.manual_seed(1)
     x = (torch.randn(4, 5, 64) * 2).requires_grad_(frozen != "input")
     weight = torch.randn(64).requires_grad_(frozen != "weight")

@@ -18,6 +18,9 @@ from muddformer.moe import MoEFeedForward
 TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")  # (out, rstd) in one call; not in older torch
+
+
 class _Float32RMSNorm(torch.autograd.Function):
     """x * rstd(x) (* weight) on float32 with torch's fused forward and a backward of five passes over x.
 
@@ -26,7 +29,10 @@ class _Float32RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        if HAS_FUSED_RMS_NORM:
+            out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        else:  # torch releases before the fused op: the same values in two more passes
+            out, rstd = F.rms_norm(x, (x.shape[-1],), weight, eps), torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, rstd, weight)
         return out
 
