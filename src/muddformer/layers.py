@@ -18,6 +18,11 @@ from muddformer.moe import MoEFeedForward
 TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dimension, kept as (..., 1): the reference formula's rstd."""
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")  # (out, rstd) in one call; not in older torch
 
 
@@ -32,7 +37,7 @@ class _Float32RMSNorm(torch.autograd.Function):
         if HAS_FUSED_RMS_NORM:
             out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
         else:  # torch releases before the fused op: the same values in two more passes
-            out, rstd = F.rms_norm(x, (x.shape[-1],), weight, eps), torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            out, rstd = F.rms_norm(x, (x.shape[-1],), weight, eps), inverse_rms(x, eps)
         ctx.save_for_backward(x, rstd, weight)
         return out
 
@@ -74,14 +79,14 @@ class RMSNorm(nn.Module):
             # In lower precision torch's rms_norm rounds once less than the reference: that keeps the explicit form.
             return float32_rms_norm(x, self.weight, self.eps)
         xf = at_least_float32(x)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * inverse_rms(xf, self.eps)).type_as(x) * self.weight
 
 
 def rms_norm_no_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     """The dense-weight generator's norm: no weight and no float32 upcast (architecture §2.2)."""
     if x.dtype == torch.float32:
         return float32_rms_norm(x, None, eps)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x * inverse_rms(x, eps)
 
 
 def make_norm(cfg: MuddConfig, dim: int | None = None) -> RMSNorm | nn.LayerNorm:

@@ -22,7 +22,7 @@ from torch import nn
 
 from muddformer.config import MuddConfig
 from muddformer.connections.base import Connection
-from muddformer.layers import Block, make_norm
+from muddformer.layers import Block, inverse_rms, make_norm
 
 
 @dataclass
@@ -214,7 +214,7 @@ class ManifoldSite(nn.Module):
         """pre (B, T, n), post (B, T, n) and the doubly stochastic res (B, T, n, n), in float32 at least."""
         n, dtype = self.n, torch.promote_types(H.dtype, torch.float32)
         flat = H.flatten(-2).to(dtype)
-        x = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = flat * inverse_rms(flat, self.eps)
         pre, post, res = (x @ self.projection.to(dtype)).split([n, n, n * n], dim=-1)
         a_pre, a_post, a_res = self.scales.to(dtype).unbind(0)
         pre = torch.sigmoid(a_pre * pre + self.bias_pre.to(dtype))
