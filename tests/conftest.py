@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -63,6 +64,15 @@ def fresh_compiler_caches():
     each test, the tests that compile would together reach its limit (8) and fail whichever test comes ninth."""
     yield
     torch.compiler.reset()
+
+
+@pytest.fixture
+def aot_eager_compile(monkeypatch):
+    """torch.compile through dynamo and AOT autograd without inductor's code generation, for tests that call
+    library code which compiles: what our code controls (one graph, the checkpoint/recompute partition, the
+    values) is checked there, at a fraction of the compile time. Inductor itself runs in the tests that
+    compile without this fixture (test_connections, test_model_pieces, test_generation, test_distributed)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
 
 
 @pytest.fixture(scope="session")

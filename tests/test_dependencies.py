@@ -8,8 +8,8 @@ import torch
 from conftest import small_config
 
 from muddformer import MuddConfig, MuddForCausalLM, MuddModel
-from muddformer.adapters.hf import CACHE_NAME, MuddHFConfig
-from muddformer.compat import dynamo_recompile_limit, is_cache_object, transformers_cache_name
+from muddformer.adapters.hf import CACHE_NAME, MuddHFConfig, is_cache_object, transformers_cache_name
+from muddformer.compat import dynamo_recompile_limit
 from muddformer.inference.kv_cache import KVCache, StaticKVCache
 
 

@@ -1,9 +1,11 @@
 """The package's layout rules (README, Layout; CONTRIBUTING): imports point down, no cycles, no
-function-local imports but optional ones, small modules."""
+function-local imports but optional or deferred ones, small modules; transformers loads only when used."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,9 @@ CORE = (
 # The layers above the core, lowest first: a module may import its own layer and those before it.
 LAYERS = ("inference", "adapters", "data", "training", "evaluation", "experiments", "cli")
 OPTIONAL = ("triton", "lm_eval", "matplotlib", "yaml", "torch.utils.tensorboard", "muddformer.kernels.depth_mix_triton")
+# Deferred rather than optional: transformers takes seconds to import, so the package loads its adapter on first
+# use (muddformer.__getattr__, adapters/registration.py).
+DEFERRED = ("muddformer.adapters.hf",)
 MAX_LINES = 420
 
 
@@ -98,7 +103,7 @@ def test_function_local_imports_are_of_optional_dependencies_only(name):
         for node in ast.walk(fn):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 target = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
-                assert any(target == o or target.startswith(o + ".") for o in OPTIONAL), (
+                assert any(target == o or target.startswith(o + ".") for o in OPTIONAL + DEFERRED), (
                     f"{name}.{fn.name} imports {target} inside the function"
                 )
 
@@ -106,3 +111,31 @@ def test_function_local_imports_are_of_optional_dependencies_only(name):
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_modules_stay_small(path):
     assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+IMPORT_CHECK = """
+import sys
+import muddformer
+from muddformer.cli import main
+from muddformer.training import trainer
+assert "transformers" not in sys.modules, "transformers loaded by the package, the CLI or the trainer"
+from transformers import AutoConfig
+assert type(AutoConfig.for_model("muddformer")).__name__ == "MuddHFConfig"
+assert muddformer.MuddForCausalLM.__module__ == "muddformer.adapters.hf"
+"""
+
+
+def test_transformers_loads_only_when_used_and_then_knows_our_model_types():
+    done = subprocess.run([sys.executable, "-c", IMPORT_CHECK], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_with_transformers_loaded_registration_is_immediate():
+    import transformers
+
+    from muddformer.adapters import registration
+
+    finders = len(sys.meta_path)
+    registration.register_with_transformers()
+    assert len(sys.meta_path) == finders and "muddformer.adapters.hf" in sys.modules
+    assert type(transformers.AutoConfig.for_model("muddpythia")).__name__ == "MuddPythiaHFConfig"

@@ -9,40 +9,13 @@ silently wrong result. docs/dependencies.md lists every dependency API we call a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
-import inspect
-from typing import Any
 
 import torch
-from transformers import GenerationMixin
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from muddformer.errors import DependencyError
 
 LOCK_HINT = "install the tested versions with `make install` (requirements.lock) or report the new release"
-
-
-def transformers_cache_name() -> str:
-    """The name under which transformers' generation hands the KV cache to `forward` and reads it back
-    from the output: `cache` from 5.24 on, `past_key_values` before. Read off the output class and the
-    generation hook, which must agree."""
-
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
-    for name in ("cache", "past_key_values"):
-        if name in fields and name in params:
-            return name
-    raise DependencyError(
-        f"transformers passes the generation cache under a name muddformer does not know "
-        f"(output fields {sorted(fields)}); {LOCK_HINT}"
-    )
-
-
-def is_cache_object(value: Any) -> bool:
-    """A KV cache of any kind we decode with: a transformers Cache or one of ours (anything with update)."""
-    return isinstance(value, Cache) or (hasattr(value, "update") and hasattr(value, "get_seq_length"))
 
 
 def dynamo_recompile_limit(limit: int):

@@ -8,6 +8,8 @@ stays usable on its own.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from typing import Any
 
@@ -22,11 +24,12 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from muddformer.adapters.folders import DEFAULT_SHARD_SIZE, load_model, save_model
 from muddformer.adapters.published import config_from_published, is_published
-from muddformer.compat import is_cache_object, transformers_cache_name
+from muddformer.compat import LOCK_HINT
 from muddformer.config import MuddConfig
 from muddformer.errors import DependencyError, InputError
 from muddformer.model import MuddModel, training_loss
@@ -39,6 +42,29 @@ _ATTRIBUTE_MAP = {
     "num_key_value_heads": "n_kv_head",
     "max_position_embeddings": "block_size",
 }
+
+
+def transformers_cache_name() -> str:
+    """The name under which transformers' generation hands the KV cache to `forward` and reads it back
+    from the output: `cache` from 5.24 on, `past_key_values` before. Read off the output class and the
+    generation hook, which must agree."""
+
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    for name in ("cache", "past_key_values"):
+        if name in fields and name in params:
+            return name
+    raise DependencyError(
+        f"transformers passes the generation cache under a name muddformer does not know "
+        f"(output fields {sorted(fields)}); {LOCK_HINT}"
+    )
+
+
+def is_cache_object(value: Any) -> bool:
+    """A KV cache of any kind we decode with: a transformers Cache or one of ours (anything with update)."""
+    return isinstance(value, Cache) or (hasattr(value, "update") and hasattr(value, "get_seq_length"))
+
+
 # The name the installed transformers uses for the KV cache in forward's arguments and in its outputs.
 CACHE_NAME = transformers_cache_name()
 
