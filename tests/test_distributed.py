@@ -69,10 +69,24 @@ def single(play_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def two_ranks(play_data, tmp_path_factory):
+    """The two-rank run of each parallel mode with half the single run's batch, made once for the tests
+    that read it."""
+    runs = {}
+
+    def run(parallel):
+        if parallel not in runs:
+            runs[parallel] = tmp_path_factory.mktemp(parallel) / "run"
+            torchrun(COMMON + ["--data", str(play_data), "--batch-size", "4", "--parallel", parallel], runs[parallel])
+        return runs[parallel]
+
+    return run
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_rank_with_twice_the_batch(play_data, single, tmp_path, parallel):
-    out = tmp_path / parallel
-    torchrun(COMMON + ["--data", str(play_data), "--batch-size", "4", "--parallel", parallel], out)
+def test_two_ranks_equal_one_rank_with_twice_the_batch(single, two_ranks, parallel):
+    out = two_ranks(parallel)
     ref, got = metrics(single), metrics(out)
     assert [r["step"] for r in ref] == [r["step"] for r in got]
     for a, b in zip(ref, got):
@@ -83,11 +97,11 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(play_data, single, tmp_pa
     assert (out / "sample.txt").is_file() and (out / "loss.png").is_file()
 
 
-def test_fsdp_checkpoint_resumes_in_one_process_and_back(play_data, single, tmp_path):
+def test_fsdp_checkpoint_resumes_in_one_process_and_back(play_data, single, two_ranks, tmp_path):
     args = COMMON + ["--data", str(play_data)]
     # FSDP2 writes, a single process resumes from step 3.
     a = tmp_path / "fsdp_then_single"
-    torchrun(args + ["--batch-size", "4", "--parallel", "fsdp"], a)
+    shutil.copytree(two_ranks("fsdp"), a)
     MuddForCausalLM.from_pretrained(a / "checkpoints" / "step_000006")  # loads as a plain model folder
     for step in ("step_000006", "step_000009"):
         shutil.rmtree(a / "checkpoints" / step)

@@ -103,7 +103,7 @@ def test_short_run_writes_a_complete_run_folder(play_data, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
-    args = SMALL + ["--data", str(play_data), "--max-steps", "120", "--save-every", "4", "--eval-every", "60"]
+    args = SMALL + ["--data", str(play_data), "--max-steps", "60", "--save-every", "4", "--eval-every", "30"]
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert train_subprocess(args + ["--out", str(full)]).returncode == 0
     proc = subprocess.Popen(
@@ -118,25 +118,25 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kept = sorted(os.listdir(broken / "checkpoints"))
-    assert "step_000120" not in kept  # it really died mid-run
+    assert "step_000060" not in kept  # it really died mid-run
     resumed = train_subprocess(args + ["--out", str(broken)])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    assert_same_weights(full / "checkpoints" / "step_000120", broken / "checkpoints" / "step_000120")
+    assert_same_weights(full / "checkpoints" / "step_000060", broken / "checkpoints" / "step_000060")
     losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert losses(full)[-1] == losses(broken)[-1]
 
 
 @pytest.mark.slow
-def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_path):
+def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_path, run_cli):
     args = SMALL + ["--data", str(play_data), "--save-every", "4", "--eval-every", "100", "--sample-tokens", "0"]
     run = tmp_path / "run"
-    assert train_subprocess(args + ["--max-steps", "4", "--out", str(run)]).returncode == 0
+    assert run_cli("train", *args, "--max-steps", "4", "--out", run).returncode == 0
     faster = ["--set", "recompute_mix=true", "--set", "mix_impl=reference", "--set", "attn_impl=reference"]
-    resumed = train_subprocess(args + faster + ["--max-steps", "8", "--out", str(run)])
+    resumed = run_cli("train", *args, *faster, "--max-steps", "8", "--out", run)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    refused = train_subprocess(args + ["--set", "dense_hidden=16", "--max-steps", "12", "--out", str(run)])
+    refused = run_cli("train", *args, "--set", "dense_hidden=16", "--max-steps", "12", "--out", run)
     assert refused.returncode == 2 and "different config" in refused.stderr
 
 
