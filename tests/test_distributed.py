@@ -77,8 +77,9 @@ def two_ranks(play_data, tmp_path_factory):
 
     def run(parallel):
         if parallel not in runs:
-            runs[parallel] = tmp_path_factory.mktemp(parallel) / "run"
-            torchrun(COMMON + ["--data", str(play_data), "--batch-size", "4", "--parallel", parallel], runs[parallel])
+            out = tmp_path_factory.mktemp(parallel) / "run"
+            torchrun(COMMON + ["--data", str(play_data), "--batch-size", "4", "--parallel", parallel], out)
+            runs[parallel] = out  # only a run that succeeded
         return runs[parallel]
 
     return run

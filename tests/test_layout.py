@@ -114,11 +114,13 @@ def test_modules_stay_small(path):
 
 
 IMPORT_CHECK = """
+import importlib.util
 import sys
 import muddformer
 from muddformer.cli import main
 from muddformer.training import trainer
 assert "transformers" not in sys.modules, "transformers loaded by the package, the CLI or the trainer"
+assert importlib.util.find_spec("transformers") is not None  # a probe, as accelerate and lm-eval make first
 from transformers import AutoConfig
 assert type(AutoConfig.for_model("muddformer")).__name__ == "MuddHFConfig"
 assert muddformer.MuddForCausalLM.__module__ == "muddformer.adapters.hf"

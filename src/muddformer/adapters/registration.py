@@ -10,8 +10,8 @@ call them.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import sys
+import warnings
 
 
 def _register() -> None:
@@ -22,15 +22,26 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != "transformers":
             return None
-        sys.meta_path.remove(self)  # once: the real finders locate the package
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        # Every lookup gets a wrapped loader, a mere probe (`importlib.util.find_spec`, as accelerate and
+        # lm-eval make) included: only the import that executes the package registers and retires the finder.
+        for finder in sys.meta_path:
+            spec = None if finder is self else finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
             exec_module(module)
-            _register()
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            try:
+                _register()
+            except Exception as err:  # never break the user's `import transformers`; MuddForCausalLM re-raises it
+                warnings.warn(f"muddformer could not register its model types with transformers: {err}", stacklevel=2)
 
         spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec
