@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from muddformer._utils import exclusive_folder
 from muddformer.cli import main
+from muddformer.experiments.compare.runs import read_records
 from muddformer.experiments.compare.settings import CompareConfig
 from muddformer.experiments.compare.stats import (
     cohen_d,
@@ -238,7 +240,14 @@ def test_compare_resumes_an_unfinished_run(small_data, tmp_path, capsys):
     shutil.rmtree(run / "checkpoints" / "step_000002")
     lines = [l for l in (run / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] <= 1]
     (run / "metrics.jsonl").write_text("".join(l + "\n" for l in lines))
-    capsys.readouterr()
+    # While another process holds the compare folder, or the run folder, nothing runs and the error names it.
+    for held, name in ((out, "cmp"), (run, "seed0")):
+        with exclusive_folder(held, RuntimeError):
+            capsys.readouterr()
+            assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{name} is in use by another process (pid {os.getpid()})" in err, err
+    assert len(read_records(run)) == len(lines)
     assert main(args + ["--json"]) == 0
     captured = capsys.readouterr()
     printed = captured.err  # with --json the progress lines go to stderr, stdout holds the JSON alone

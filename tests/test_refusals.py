@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from conftest import build
 from safetensors.torch import load_file, save_file
 
 from muddformer import CheckpointError, InputError, MuddForCausalLM
-from muddformer._utils import atomic_path, write_json_atomic
+from muddformer._utils import atomic_path, exclusive_folder, write_json_atomic
 
 
 def writable_copy(src, dst):
@@ -161,3 +163,30 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_a_folder_held_by_another_process_is_refused_until_it_exits(tmp_path):
+    folder = tmp_path / "run"
+    hold = "import sys, time; from muddformer._utils import exclusive_folder\n"
+    hold += "with exclusive_folder(sys.argv[1], RuntimeError):\n    print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(CheckpointError, match=rf"run is in use by another process \(pid {holder.pid}\).*--out"):
+            with exclusive_folder(folder, CheckpointError):
+                pass
+        (folder / "metrics.jsonl").write_text("")
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock, no clean-up ran
+        holder.wait()
+    with exclusive_folder(folder, CheckpointError):
+        assert (folder / ".lock").read_text() == str(os.getpid())
+    assert sorted(os.listdir(folder)) == [".lock", "metrics.jsonl"]  # a folder with content stays
+    fresh = tmp_path / "fresh"
+    with exclusive_folder(fresh, CheckpointError):
+        assert fresh.is_dir()
+    assert not fresh.exists()  # it made the folder and nothing was written there: no trace left
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(CheckpointError, match="notes.txt is a file, not a folder; pass another --out"):
+        with exclusive_folder(tmp_path / "notes.txt", CheckpointError):
+            pass

@@ -1,4 +1,4 @@
-"""Small helpers every layer uses: atomic file writes, the device name, the float32-at-least upcast.
+"""Small helpers every layer uses: atomic file writes, a folder lock, the device name, the float32-at-least upcast.
 
 Every file is written atomically (temporary name, then rename), so a crash never leaves a half file where a
 good one was.
@@ -14,6 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, folders are not guarded
+    fcntl = None  # type: ignore[assignment]
 
 
 @contextmanager
@@ -50,6 +55,42 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def exclusive_folder(folder: str | os.PathLike, error: type[Exception]) -> Iterator[None]:
+    """Hold an advisory lock on `folder` (its `.lock` file) for the block, so that a second process given the same
+    folder stops with `error` instead of writing the same checkpoints and logs. The kernel drops the lock when its
+    holder exits, a killed one included, so nothing is left to clean up. Without fcntl (Windows) nothing is locked."""
+    if fcntl is None:
+        yield
+        return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise error(f"{folder} is a file, not a folder; pass another --out")
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    held = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise error(
+                f"{folder} is in use by another process (pid {holder}); wait for it to finish or stop it, "
+                "or pass another --out"
+            ) from None
+        held = True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+        if held and created and os.listdir(folder) == [LOCK_NAME]:  # the block wrote nothing: leave no trace
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def current_umask() -> int:

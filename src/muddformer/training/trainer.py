@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from muddformer._utils import atomic_path, write_json_atomic
+from muddformer._utils import atomic_path, exclusive_folder, write_json_atomic
 from muddformer.adapters.folders import load_model, read_folder_raw_config
 from muddformer.adapters.transformers_checkpoints import is_transformers_checkpoint, load_transformers_model
 from muddformer.config import MuddConfig
 from muddformer.data.batches import eval_windows, iter_eval_batches, sample_batch
 from muddformer.data.shards import TokenData, bundled_data_dir
 from muddformer.data.tokenizers import load_tokenizer
-from muddformer.errors import MuddError
+from muddformer.errors import CheckpointError, MuddError
 from muddformer.inference.generation import sample_generate
 from muddformer.model import MuddModel, copy_body_weights, count_parameters, next_token_loss
 from muddformer.telemetry import SpikeWatch, expert_load, group_grad_norms
@@ -85,9 +85,15 @@ def train(tc: TrainConfig) -> dict:
         if info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use TF32 tensor cores
             torch.backends.cudnn.allow_tf32 = True
-        return Trainer(tc, recipe, cfg, data, seq_len, info).run()
+        # One process per run folder: a second one would interleave checkpoints and metrics with the first.
+        with exclusive_folder(output_folder(tc, cfg), CheckpointError) if info.is_main else nullcontext():
+            return Trainer(tc, recipe, cfg, data, seq_len, info).run()
     finally:
         close_distributed()
+
+
+def output_folder(tc: TrainConfig, cfg: MuddConfig) -> Path:
+    return Path(tc.out or f"runs/{tc.preset}-{cfg.connection}")
 
 
 def shared_bundled_data(info: DistInfo) -> Path:
@@ -104,7 +110,7 @@ class Trainer:
 
     def __init__(self, tc: TrainConfig, recipe: Recipe, cfg: MuddConfig, data: TokenData, seq_len: int, info: DistInfo):
         self.tc, self.recipe, self.cfg, self.data, self.seq_len, self.info = tc, recipe, cfg, data, seq_len, info
-        self.out = Path(tc.out or f"runs/{tc.preset}-{cfg.connection}")
+        self.out = output_folder(tc, cfg)
         self.ckpt_root = self.out / "checkpoints"
         self.say = print if info.is_main else (lambda *a, **k: None)
         torch.manual_seed(tc.seed)

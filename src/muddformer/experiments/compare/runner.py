@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from muddformer._utils import exclusive_folder
 from muddformer.data.shards import TokenData, bundled_data_dir
 from muddformer.errors import InputError, MuddError
 from muddformer.experiments.compare.report import collect_results, write_outputs
@@ -97,11 +98,12 @@ def run_compare(cc: CompareConfig, out: Path, progress: bool = True) -> dict:
     check_options(cc)
     data = cc.data or str(bundled_data_dir())
     preflight(cc, data)
-    check_or_write_settings(out, cc)
-    counts = run_all(cc, data, out, progress)
-    results = collect_results(cc, data, out)
-    results["runs"] = counts
-    write_outputs(results, out)
+    with exclusive_folder(out, InputError):  # two compares of one folder would train the same runs twice
+        check_or_write_settings(out, cc)
+        counts = run_all(cc, data, out, progress)
+        results = collect_results(cc, data, out)
+        results["runs"] = counts
+        write_outputs(results, out)
     return results
 
 

@@ -7,7 +7,7 @@ import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from muddformer._utils import write_json_atomic
+from muddformer._utils import LOCK_NAME, write_json_atomic
 from muddformer.config import CONNECTIONS
 from muddformer.errors import InputError
 from muddformer.options import PRECISIONS, option
@@ -169,7 +169,7 @@ def check_or_write_settings(out: Path, cc: CompareConfig) -> None:
         if any(current.get(k) != stored.get(k) for k in EXTENSIBLE):  # only adds runs: record the new value
             write_json_atomic(str(path), settings_record(cc))
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_NAME for p in out.iterdir())):
         raise InputError(f"{out} exists and holds no {SETTINGS_NAME}; use a new or empty --out folder")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(str(path), settings_record(cc))
