@@ -1,6 +1,7 @@
 """`mudd prepare`, the bundled corpus and batch sampling."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from muddformer.cli import main
 from muddformer.data.batches import eval_windows, sample_batch
-from muddformer.data.corpus import VALIDATION_PLAYS, bundled_plays
+from muddformer.data.corpus import VALIDATION_PLAYS, bundled_plays, cache_dir
 from muddformer.data.shards import TokenData, prepare
 from muddformer.data.tokenizers import load_tokenizer
 from muddformer.errors import DataError
@@ -97,3 +98,10 @@ def test_sampling_is_a_function_of_step_and_splits_across_ranks(tmp_path):
     assert not torch.equal(sample_batch(split, 16, 4, seed=1, step=8)[0], x)
     starts = eval_windows(split, 16, 5)
     assert len(starts) == 5 and starts[0] == 0 and starts[-1] == split.tokens - 17
+
+
+def test_cache_folder_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MUDD_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.setenv("MUDD_CACHE", "")  # an empty variable is unset, not the current folder
+    assert cache_dir() == Path.home() / ".cache" / "muddformer"

@@ -33,7 +33,8 @@ def bundled_split(split: str) -> list[str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MUDD_CACHE", Path.home() / ".cache" / "muddformer"))
+    """MUDD_CACHE, or ~/.cache/muddformer when it is unset or empty (an empty one would mean the current folder)."""
+    return Path(os.environ.get("MUDD_CACHE") or Path.home() / ".cache" / "muddformer")
 
 
 def read_documents(inputs: list[str], field: str = "text") -> list[str]:
