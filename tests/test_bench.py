@@ -94,8 +94,8 @@ def test_mix_step_fns_compute_the_same_gradients():
 def test_bench_runs_windows_grouped_attention_and_experts(capsys):
     args = ["bench", "--preset", "nano", "--reps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "32"]
     args += ["--decode-tokens", "4", "--connection", "mudd", "--json"]
-    for option in ("attn_window=8", "moe_experts=4"):
-        assert main(args + ["--set", option, "--set", "n_kv_head=1"]) == 0
+    for options in (["attn_window=8"], ["moe_experts=4", "ffn_schedule=constant"]):
+        assert main(args + [f"--set={o}" for o in options] + ["--set", "n_kv_head=1"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["train_step_ratio"] > 0 and report["decode_ratio"] > 0
 

@@ -227,6 +227,13 @@ def test_compare_end_to_end_resumes_and_refuses_other_settings(small_data, tmp_p
         if expect["multiplier"] is not None and own:
             assert relative == pytest.approx(expect["multiplier"] / own)
     assert "--baseline-steps 8" in (out / "results.md").read_text()
+    assert main(["compare", "--report", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"] == {"trained": 0, "skipped": 6}
+    # A longer baseline run that has not finished is named too (its curve would end early).
+    (out / "runs" / "residual" / "seed1-steps8" / "metrics.jsonl").write_text("")
+    capsys.readouterr()
+    assert main(["compare", "--report", "--out", str(out)]) == 2
+    assert "1 runs of" in (err := capsys.readouterr().err) and "seed1-steps8" in err
 
 
 def test_compare_resumes_an_unfinished_run(small_data, tmp_path, capsys):
@@ -267,6 +274,7 @@ def test_compare_resumes_an_unfinished_run(small_data, tmp_path, capsys):
         (["--set", "n_layers=3"], "unknown MuddConfig field 'n_layers'"),
         (["--lr-for", "hc=1e-3"], "--lr-for names 'hc', which is not among --connections residual,mudd"),
         (["--lr-for", "mudd:1e-3"], "--lr-for 'mudd:1e-3' must look like CONNECTION=LR"),
+        (["--global-batch", "3"], "--global-batch 3 is not a multiple of --batch-size 2 x 1 rank(s)"),
     ],
 )
 def test_bad_options_are_one_line_and_write_nothing(small_data, tmp_path, capsys, extra, message):

@@ -65,6 +65,10 @@ def test_prepare_refuses_bad_input(tmp_path):
         prepare([str(tmp_path / "x.jsonl")], tmp_path / "o", field="body")
     with pytest.raises(DataError, match="not a prepared data folder"):
         TokenData(tmp_path)
+    (tmp_path / "a.txt").write_text("hi there\n")
+    for missing in (tmp_path / "no-tokenizer.json", tmp_path):  # a file, or a folder without tokenizer.json
+        with pytest.raises(DataError, match="tokenizer.json does not exist; pass a tokenizer.json or a folder"):
+            prepare([str(tmp_path / "a.txt")], tmp_path / "o", tokenizer=str(missing))
     assert not (tmp_path / "o").exists()
 
 
@@ -79,9 +83,17 @@ def test_truncated_shard_is_refused(tmp_path):
     (tmp_path / "a.txt").write_text("Friends, Romans, countrymen, lend me your ears.\n" * 100)
     prepare([str(tmp_path / "a.txt")], tmp_path / "d", vocab_size=280)
     shard = tmp_path / "d" / "train-00000.bin"
-    shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(DataError, match="truncated"):
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-10])
+    with pytest.raises(DataError, match="truncated: run `mudd prepare` again"):
         TokenData(tmp_path / "d")
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", vocab_size=280)  # which repairs it
+    assert shard.read_bytes() == whole
+    (tmp_path / "d" / "val-00000.bin").unlink()
+    with pytest.raises(DataError, match="val-00000.bin is missing; run `mudd prepare` again"):
+        TokenData(tmp_path / "d")
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", vocab_size=280)
+    assert TokenData(tmp_path / "d").splits["train"].tokens == len(whole) // 2
 
 
 def test_sampling_is_a_function_of_step_and_splits_across_ranks(tmp_path):

@@ -24,6 +24,7 @@ PIECES = dict(
     moe_intermediate_size=24,
     moe_shared_experts=1,
     moe_layers="1,2",
+    ffn_schedule="constant",
     norm_eps=1e-12,  # AttnRes starts as a uniform mean, the residual model only up to the norms' eps
 )
 CASES = [(block, c) for block in ("llama", "pythia") for c in ALL_CONNECTIONS]

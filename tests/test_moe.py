@@ -18,7 +18,8 @@ from muddformer.training.metrics import flops_per_token
 from muddformer.training.parallel import DistInfo, apply_activation_checkpointing, parallelize
 from muddformer.training.trainer import train
 
-MOE = dict(n_layer=3, dim=32, n_head=2, intermediate_size=256, moe_experts=4, moe_top_k=2, moe_intermediate_size=48)
+MOE = dict(n_layer=3, dim=32, n_head=2, intermediate_size=256, ffn_schedule="constant")  # experts: one width
+MOE |= dict(moe_experts=4, moe_top_k=2, moe_intermediate_size=48)
 
 
 def ids(seed: int, shape=(2, 20)) -> torch.Tensor:
@@ -154,7 +155,9 @@ def build_meta_preset(name: str):
 
 
 def test_training_reports_router_loss_and_per_expert_load(play_data, tmp_path):
-    run = nano_run(play_data, tmp_path / "moe", set=["moe_experts=4", "moe_top_k=2"], log_every=1)
+    run = nano_run(
+        play_data, tmp_path / "moe", set=["moe_experts=4", "moe_top_k=2", "ffn_schedule=constant"], log_every=1
+    )
     train(run)
     rows = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]
@@ -166,13 +169,15 @@ def test_training_reports_router_loss_and_per_expert_load(play_data, tmp_path):
 
 def test_moe_refusals():
     with pytest.raises(ConfigError, match="moe_top_k=5 must be in"):
-        MuddConfig(moe_experts=4, moe_top_k=5)
+        MuddConfig(moe_experts=4, moe_top_k=5, ffn_schedule="constant")
+    with pytest.raises(ConfigError, match="ffn_schedule='linear' re-allocates the FFN width over depth, which experts"):
+        MuddConfig(moe_experts=4)
     with pytest.raises(ConfigError, match="set moe_experts"):
         MuddConfig(moe_layers="0")
     with pytest.raises(ConfigError, match="moe_layers: layer 9 is outside"):
-        MuddConfig(n_layer=4, moe_experts=4, moe_layers="9")
+        MuddConfig(n_layer=4, moe_experts=4, moe_layers="9", ffn_schedule="constant")
     with pytest.raises(ConfigError, match="moe_aux_loss_weight must be >= 0"):
-        MuddConfig(moe_experts=4, moe_aux_loss_weight=-1.0)
+        MuddConfig(moe_experts=4, moe_aux_loss_weight=-1.0, ffn_schedule="constant")
 
 
 @pytest.mark.parametrize("gated", [True, False])

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURE_NAMES, FIXTURE_TOL
+from conftest import FIXTURE_NAMES, FIXTURE_TOL, build, randomize_connection
 from reference_forward import reference_logits
 from safetensors.torch import load_file
 
-from muddformer import MuddForCausalLM
+from muddformer import ConfigError, MuddConfig, MuddForCausalLM
 from muddformer.adapters.folders import read_tensors
+from muddformer.adapters.published import config_from_published
 
 
 def expected(fixtures_dir, name):
@@ -121,6 +122,38 @@ def test_published_format_round_trip(fixtures_dir, name, tmp_path):
     original, written = read_tensors(str(fixtures_dir / name)), read_tensors(str(tmp_path))
     assert original.keys() == written.keys()
     assert all(torch.equal(original[k], written[k]) and written[k].dtype == torch.bfloat16 for k in original)
+
+
+@pytest.mark.parametrize("block", ["llama", "pythia"])
+def test_a_model_of_ours_in_the_published_format_computes_the_same_after_reloading(block, tmp_path):
+    """Ours -> published -> ours: the rotary table's rounding is part of what the format can hold, and a model
+    whose token ids are unknown keeps them unknown."""
+    table = "float16" if block == "pythia" else "bfloat16"
+    model = build(block=block, rope_table_dtype=table, attn_impl="reference", mix_impl="reference").eval()
+    randomize_connection(model)
+    MuddForCausalLM(model.config, model=model).save_pretrained(tmp_path, published_format=True, dtype="float32")
+    again = MuddForCausalLM.from_pretrained(tmp_path).model
+    assert again.config.rope_table_dtype == table and again.config.eos_token_id is None
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=1e-6)
+    float32_table = MuddForCausalLM(model.config.replace(rope_table_dtype="float32"))
+    with pytest.raises(ConfigError, match=rf"rope_table_dtype='float32' \(the reference's {block} block rounds"):
+        float32_table.save_pretrained(tmp_path / "refused", published_format=True)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_muddformer_configs_end_text_at_gpt_neox_endoftext(fixtures_dir):
+    """MUDDFormer-2.8B's config.json carries Llama's bos 1 / eos 2 beside GPT-NeoX-20B's vocabulary, where 2 is
+    "!": it loads with 0 (<|endoftext|>), like the preset; a model with another vocabulary keeps its ids."""
+    small = json.loads((fixtures_dir / "mf_tiny" / "config.json").read_text())
+    assert (small["bos_token_id"], small["eos_token_id"]) == (1, 2)
+    assert config_from_published(small).eos_token_id == 2
+    full = config_from_published({**small, "vocab_size": 50432})
+    assert (full.bos_token_id, full.eos_token_id) == (0, 0)
+    preset = MuddConfig.from_preset("muddformer-2.8b")
+    assert (preset.bos_token_id, preset.eos_token_id, preset.rope_table_dtype) == (0, 0, "bfloat16")
+    assert MuddConfig.from_preset("muddpythia-1.4b").rope_table_dtype == "float16"
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

@@ -8,16 +8,21 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import nano_run
+from conftest import assert_one_line_error, nano_run
 from safetensors.torch import load_file
 
-from muddformer import MuddConfig, MuddForCausalLM, MuddModel
+import muddformer.training.trainer as trainer_module
+from muddformer import ConfigError, MuddConfig, MuddForCausalLM, MuddModel
 from muddformer.data.shards import TokenData
+from muddformer.errors import DataError
+from muddformer.model import count_parameters
 from muddformer.training.checkpointing import list_checkpoints
 from muddformer.training.config import TrainConfig, model_config, validate
+from muddformer.training.metrics import RunLog, flops_per_token, peak_flops_of
 from muddformer.training.parallel import init_distributed
 from muddformer.training.recipes import get_recipe, param_groups
 from muddformer.training.schedule import lr_at
@@ -101,6 +106,42 @@ def test_short_run_writes_a_complete_run_folder(play_data, tmp_path):
     assert torch.isfinite(model(x).logits).all()
 
 
+def test_throughput_counts_training_time_only(play_data, tmp_path, monkeypatch):
+    """tokens/s of a log window leaves out the evaluations and checkpoints that fall inside it (a fake clock: a
+    step takes 1 s, an evaluation or a checkpoint 100 s)."""
+    clock = [0.0]
+
+    def taking(seconds, method):
+        def timed(self, *args, **kwargs):
+            clock[0] += seconds
+            return method(self, *args, **kwargs)
+
+        return timed
+
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    for name, seconds in (("train_step", 1.0), ("evaluate", 100.0), ("save", 100.0)):
+        monkeypatch.setattr(Trainer, name, taking(seconds, getattr(Trainer, name)))
+    out = tmp_path / "run"
+    train(nano_run(play_data, out, max_steps=8, log_every=4, eval_every=3, save_every=5))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    throughput = {r["step"]: r["tokens_per_s"] for r in records if "tokens_per_s" in r}
+    assert throughput == dict.fromkeys([1, 4, 8], 2 * 16)  # batch 2 x 16 tokens per second of training
+
+
+def test_metrics_with_a_torn_last_line_resume_and_report(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.5}\n{"step": 3, "lo')  # killed mid-append
+    assert RunLog(tmp_path, 0, tensorboard=False, enabled=False).records() == [
+        {"step": 1, "loss": 5.0},
+        {"step": 2, "loss": 4.5},
+    ]
+    RunLog(tmp_path, 1, tensorboard=False, enabled=True).close()  # resuming from step 1 drops the rest
+    assert path.read_text() == '{"step": 1, "loss": 5.0}\n'
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(DataError, match="metrics.jsonl line 2 is not JSON; repair or remove that line"):
+        RunLog(tmp_path, 0, tensorboard=False, enabled=False).records()
+
+
 @pytest.mark.slow
 def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--max-steps", "60", "--save-every", "4", "--eval-every", "30"]
@@ -138,6 +179,20 @@ def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_pa
     assert "resuming from" in resumed.stdout
     refused = run_cli("train", *args, "--set", "dense_hidden=16", "--max-steps", "12", "--out", run)
     assert refused.returncode == 2 and "different config" in refused.stderr
+    # The optimizer's settings, the batch, the seed and the data are the run's too (its optimizer state and
+    # schedule belong to them): a change is refused, naming each, instead of resuming into a mixed run.
+    for flags, named in (
+        (["--weight-decay", "0.05", "--generator-lr-mult", "0.5"], "generator_lr_mult 1.0 there, 0.5 here; "),
+        (["--grad-accum", "2"], "sequences_per_step 4 there, 8 here"),
+        (["--seed", "1"], "seed 0 there, 1 here"),
+    ):
+        refused = run_cli("train", *args, *flags, "--max-steps", "12", "--out", run)
+        assert_one_line_error(refused, "run/checkpoints/step_000008 was trained with other settings (", named)
+        assert "--init-from" in refused.stderr
+    assert (
+        "weight_decay 0.1 there, 0.05 here)" in run_cli("train", *args, "--weight-decay", "0.05", "--out", run).stderr
+    )
+    assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [4, 8]
 
 
 @pytest.mark.slow
@@ -193,6 +248,10 @@ def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
         (["--seq-len", "65"], "--seq-len 65 exceeds the model's context block_size=64"),
         (["--set", "vocab_size=300"], "512-token vocabulary but the model has vocab_size=300"),
         (["--batch-size", "0"], "--batch-size must be positive"),
+        (
+            ["--set", "moe_experts=4", "--set", "moe_top_k=1", "--set", "ffn_schedule=constant"],
+            "moe_top_k=1 with moe_norm_topk=true gives every token a gate of exactly 1",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(play_data, tmp_path, run_cli, args, message):
@@ -234,6 +293,31 @@ def test_recipe_schedule_and_weight_decay_groups():
     assert groups["priors"]["weight_decay"] == groups["vectors"]["weight_decay"] == 0.0
     assert TrainConfig(preset="muddformer-405m").resolved()[0].lr == 3e-4
     assert TrainConfig(preset="tiny").resolved()[0].lr == 3e-3
+
+
+def test_flops_per_token_and_the_gpu_peaks():
+    untied, tied = (MuddConfig.from_preset("nano", tie_word_embeddings=t) for t in (False, True))
+    counts = [count_parameters(MuddModel(c))["total"] for c in (untied, tied)]
+    assert counts[0] - counts[1] == untied.vocab_size * untied.dim
+    # The head's matmul costs the same whether its matrix is shared with the embedding lookup or not.
+    assert flops_per_token(untied, counts[0], 32) == flops_per_token(tied, counts[1], 32)
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA L40S") == 362e12 and peak_flops_of("NVIDIA L4") == 121e12
+    assert peak_flops_of("NVIDIA A10G") is None and peak_flops_of("Tesla V100-SXM2-16GB") is None
+
+
+def test_batch_settled_for_the_ranks_and_torchrun_needs_a_parallel_mode():
+    tc, recipe = TrainConfig(preset="muddformer-405m", batch_size=8, parallel="fsdp").resolved(world=4)
+    assert tc.grad_accum == 8 and recipe.global_batch == tc.global_batch == 256  # the paper recipe's batch
+    tc, recipe = TrainConfig(preset="muddformer-405m", batch_size=8, grad_accum=2, parallel="ddp").resolved(world=4)
+    assert recipe.global_batch == tc.global_batch == 64  # an explicit --grad-accum: run.json records what ran
+    tc, recipe = TrainConfig(preset="tiny", batch_size=4, grad_accum=3).resolved()
+    assert recipe.global_batch == 12 and get_recipe("cpu").global_batch is None
+    with pytest.raises(ConfigError, match=r"--global-batch 64 disagrees with --batch-size 8 x --grad-accum 1 x 4 "):
+        TrainConfig(preset="muddformer-405m", batch_size=8, grad_accum=1, global_batch=64, parallel="ddp").resolved(4)
+    with pytest.raises(ConfigError, match="2 ranks with --parallel none would train 2 separate models; pass --par"):
+        TrainConfig().resolved(world=2)
+    assert TrainConfig(parallel="ddp").resolved(world=2)[0].grad_accum == 1
 
 
 @pytest.mark.parametrize(

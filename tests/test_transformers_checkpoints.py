@@ -184,4 +184,4 @@ def test_overrides_that_add_weights_are_refused(checkpoint):
 
     folder, _ = checkpoint
     with pytest.raises(InputError, match="adds weights the source model does not have"):
-        load_transformers_model(str(folder), connection="mudd", moe_experts=4)
+        load_transformers_model(str(folder), connection="mudd", moe_experts=4, ffn_schedule="constant")

@@ -68,6 +68,11 @@ def check_block_options(cfg: MuddConfig) -> None:
         return
     if not 1 <= k <= E:
         raise ConfigError(f"MuddConfig.moe_top_k={k} must be in [1, moe_experts={E}]")
+    if cfg.ffn_schedule == "linear" and cfg.n_layer > 1:
+        raise ConfigError(
+            "MuddConfig.ffn_schedule='linear' re-allocates the FFN width over depth, which experts of one width "
+            "do not follow; set ffn_schedule='constant' with moe_experts (as the moe presets do)"
+        )
     if cfg.moe_intermediate_size < 0 or cfg.moe_shared_experts < 0:
         raise ConfigError("MuddConfig.moe_intermediate_size and moe_shared_experts must be >= 0")
     if cfg.moe_expert_width <= 0:

@@ -23,8 +23,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         dim=2560,
         n_head=32,
         intermediate_size=6912,
-        bos_token_id=1,
-        eos_token_id=2,
+        # The config.json says bos 1 / eos 2, Llama's ids; the tokenizer is GPT-NeoX-20B's, where 2 is "!" and
+        # <|endoftext|> is 0 (architecture §3.1), so generation stops at 0.
+        bos_token_id=0,
+        eos_token_id=0,
+        rope_table_dtype="bfloat16",  # as the published model computes it
         **_MUDD,
     ),
     "muddpythia-1.4b": dict(
@@ -36,6 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=8192,
         bos_token_id=0,
         eos_token_id=0,
+        rope_table_dtype="float16",
         **_MUDD,
     ),
     "muddpythia-2.8b": dict(
@@ -47,6 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=10240,
         bos_token_id=0,
         eos_token_id=0,
+        rope_table_dtype="float16",
         **_MUDD,
     ),
     # Their baselines: the same body with a residual stream (Pythia as in the paper's Table 3).

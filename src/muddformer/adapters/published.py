@@ -71,9 +71,18 @@ def config_from_published(d: dict[str, Any]) -> MuddConfig:
         attn_impl="reference",
         mix_impl="reference",
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
+        bos_token_id=token_ids(d)[0],
+        eos_token_id=token_ids(d)[1],
     )
+
+
+def token_ids(d: dict[str, Any]) -> tuple[int | None, int | None]:
+    """bos/eos of a published config.json. MUDDFormer's files carry Llama's 1 / 2 beside the GPT-NeoX-20B
+    vocabulary (50432 ids), in which 2 is "!" and <|endoftext|> is 0: such a model ends its text with 0."""
+    bos, eos = d.get("bos_token_id"), d.get("eos_token_id")
+    if d.get("model_type") == "muddformer" and d["vocab_size"] == 50432 and (bos, eos) == (1, 2):
+        return 0, 0
+    return bos, eos
 
 
 def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
@@ -106,6 +115,14 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
         problems.append("partial rotary on the llama block (the reference rotates the full head)")
     if cfg.tie_word_embeddings:
         problems.append("tie_word_embeddings=True (the reference has an untied head)")
+    table = "float16" if cfg.block == "pythia" else "bfloat16"
+    if (
+        cfg.rope_table_dtype != table
+    ):  # the reference rounds its rotary table: a reloaded model would compute other logits
+        problems.append(
+            f"rope_table_dtype={cfg.rope_table_dtype!r} (the reference's {cfg.block} block rounds the rotary "
+            f"table to {table}; save in our format, or set rope_table_dtype={table!r} before training)"
+        )
     if problems:
         raise ConfigError("cannot write the published format: " + "; ".join(problems))
     pythia = cfg.block == "pythia"
@@ -118,12 +135,12 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
             "AutoModelForCausalLM": f"modeling_{module}.{name}",
         },
         "block_size": cfg.block_size,
-        "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else (0 if pythia else 1),
+        "bos_token_id": cfg.bos_token_id,  # None (null) rather than ids the tokenizer may not have
         "dense": True,
         "dense_type": "qkvr",
         "dim": cfg.dim,
         "dynamic_dense": True,
-        "eos_token_id": cfg.eos_token_id if cfg.eos_token_id is not None else (0 if pythia else 2),
+        "eos_token_id": cfg.eos_token_id,
         "expand_last": cfg.dense_expand_last,
         "head_dim": cfg.head_dim,
         "intermediate_size": cfg.intermediate_size,

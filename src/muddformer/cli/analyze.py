@@ -15,6 +15,7 @@ from muddformer.errors import InputError
 from muddformer.experiments.analyze.plots import plot_telemetry, write_plots
 from muddformer.experiments.analyze.probes import DEFAULT_SINK_TOKENS, analyze_model
 from muddformer.experiments.analyze.tokens import cut_sequences, parse_sink_tokens, sink_tokens, text_tokens
+from muddformer.training.metrics import read_metrics
 
 
 def analyze_folder(folder: str, args: argparse.Namespace, device: str) -> dict:
@@ -60,7 +61,7 @@ def run_telemetry(run: Path, out: Path) -> dict:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise InputError(f"--run {run} is not a run folder (no metrics.jsonl); pass the --out folder of `mudd train`")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_metrics(path)
     if not any(k.startswith("grad_norm/") for r in records for k in r):
         raise InputError(
             f"--run {run} has no telemetry in metrics.jsonl (trained with --no-telemetry or by an "

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from muddformer._utils import atomic_dir
 from muddformer.data.corpus import BUNDLED, bundled_split, cache_dir, read_documents, split_documents
-from muddformer.data.tokenizers import TOKENIZER_NAME, eot_id, load_tokenizer, train_tokenizer
+from muddformer.data.tokenizers import TOKENIZER_NAME, eot_id, load_tokenizer, tokenizer_json, train_tokenizer
 from muddformer.errors import DataError
 
 META_NAME = "meta.json"
@@ -60,9 +60,10 @@ def prepare_documents(
 ) -> dict:
     """Tokenise split documents into `out`; returns its metadata. Skips the work if `out` is up to date."""
     out = Path(out)
-    tok_text = Path(tokenizer).read_text() if tokenizer else None
+    tok_text = None
     if tokenizer is not None:
-        load_tokenizer(tokenizer)  # fail early on a bad file
+        load_tokenizer(tokenizer)  # fail early on a missing or bad file
+        tok_text = tokenizer_json(tokenizer).read_text()
     fingerprint = _fingerprint(
         docs, {"tokenizer": tok_text, "vocab_size": None if tok_text else vocab_size, "shard_tokens": shard_tokens}
     )
@@ -70,7 +71,8 @@ def prepare_documents(
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("fingerprint") == fingerprint:
+            intact = shard_problem(out, meta) is None and (out / meta.get("tokenizer", TOKENIZER_NAME)).is_file()
+            if meta.get("fingerprint") == fingerprint and intact:  # else prepared again: that repairs it
                 return meta
         except json.JSONDecodeError:
             pass
@@ -200,6 +202,23 @@ class TokenSplit:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+def shard_problem(folder: Path, meta: dict) -> str | None:
+    """Why the token shards of a prepared folder differ from what its meta.json says (None: they agree)."""
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for info in meta["splits"].values():
+        for shard in info["shards"]:
+            path = folder / shard["file"]
+            if not path.is_file():
+                return f"token shard {path} is missing; run `mudd prepare` again"
+            size = path.stat().st_size
+            if size != shard["tokens"] * itemsize:
+                return (
+                    f"token shard {path} holds {size / itemsize:g} tokens, {META_NAME} says {shard['tokens']}; "
+                    "it is truncated: run `mudd prepare` again"
+                )
+    return None
+
+
 class TokenData:
     """A prepared data folder: train/val splits, vocabulary and tokenizer path."""
 
@@ -209,19 +228,13 @@ class TokenData:
         self.vocab_size: int = self.meta["vocab_size"]
         self.eot_id: int | None = self.meta.get("eot_id")
         self.splits: dict[str, TokenSplit] = {}
+        problem = shard_problem(self.folder, self.meta)
+        if problem:
+            raise DataError(problem)
         for split, info in self.meta["splits"].items():
-            shards = []
-            for shard in info["shards"]:
-                path = self.folder / shard["file"]
-                if not path.is_file():
-                    raise DataError(f"token shard {path} is missing; run `mudd prepare` again")
-                arr = np.memmap(path, dtype=self.meta["dtype"], mode="r")
-                if len(arr) != shard["tokens"]:
-                    raise DataError(
-                        f"token shard {path} holds {len(arr)} tokens, {META_NAME} says {shard['tokens']}; "
-                        "it is truncated: run `mudd prepare` again"
-                    )
-                shards.append(arr)
+            shards = [
+                np.memmap(self.folder / shard["file"], dtype=self.meta["dtype"], mode="r") for shard in info["shards"]
+            ]
             self.splits[split] = TokenSplit(shards)
 
     @property

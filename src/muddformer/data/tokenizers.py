@@ -35,12 +35,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return tok
 
 
-def load_tokenizer(path: str | os.PathLike):
+def tokenizer_json(path: str | os.PathLike) -> Path:
+    """The tokenizer.json that `path` names: the file itself, or the one in that folder."""
     path = Path(path)
     if path.is_dir():
         path = path / TOKENIZER_NAME
     if not path.is_file():
         raise DataError(f"tokenizer file {path} does not exist; pass a tokenizer.json or a folder that holds one")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike):
+    path = tokenizer_json(path)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a plain Exception on bad JSON

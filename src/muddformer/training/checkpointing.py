@@ -60,8 +60,8 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # saved for each GPU the writer saw; this machine may have fewer
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -103,6 +103,11 @@ def save_checkpoint(
     return final if is_main else None
 
 
+class RunMismatch(CheckpointError):
+    """A readable checkpoint of another run (another model or other training settings): resuming from an older
+    checkpoint would not help, so it is never skipped for one."""
+
+
 @dataclass
 class Resumed:
     step: int
@@ -111,9 +116,14 @@ class Resumed:
 
 
 def load_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, core_config: MuddConfig
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    core_config: MuddConfig,
+    training: dict | None = None,
 ) -> Resumed:
-    """Load one checkpoint into model and optimizer; CheckpointError if it is unreadable or does not fit."""
+    """Load one checkpoint into model and optimizer; CheckpointError if it is unreadable, RunMismatch if it holds
+    another model or was trained with other `training` settings (the ones it saved under that key)."""
 
     try:
         state = json.loads((folder / STATE_NAME).read_text())
@@ -121,9 +131,18 @@ def load_checkpoint(
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {folder} is incomplete or corrupt ({e})") from None
     if saved_cfg.architecture() != core_config.architecture():  # the execution fields may change on resume
-        raise CheckpointError(
+        raise RunMismatch(
             f"checkpoint {folder} holds a model with a different config; "
             "use another --out for a new run, or the same options to resume"
+        )
+    saved, current = state.get("training") or {}, training or {}
+    changed = [
+        f"{k} {saved[k]!r} there, {current[k]!r} here" for k in sorted(saved) if saved[k] != current.get(k, saved[k])
+    ]
+    if changed:  # its optimizer state and schedule belong to those settings
+        raise RunMismatch(
+            f"checkpoint {folder} was trained with other settings ({'; '.join(changed)}); resume with the same "
+            f"options, or use another --out (--init-from {folder} starts a new run from its weights)"
         )
     tensors = read_tensors(str(folder))
     if core_config.tie_word_embeddings:
@@ -149,14 +168,19 @@ def load_checkpoint(
 
 
 def resume_latest(
-    root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, core_config: MuddConfig, report
+    root: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    core_config: MuddConfig,
+    report,
+    training: dict | None = None,
 ) -> Resumed | None:
     """Load the newest checkpoint that reads cleanly; report each broken one and fall back to the previous."""
     for step, folder in reversed(list_checkpoints(root)):
         try:
-            return load_checkpoint(folder, model, optimizer, core_config)
+            return load_checkpoint(folder, model, optimizer, core_config, training)
+        except RunMismatch:
+            raise
         except CheckpointError as e:
-            if "different config" in str(e):
-                raise
             report(f"checkpoint step {step} is unusable: {e}; trying the previous one")
     return None

@@ -18,6 +18,7 @@ from muddformer.training.recipes import (
     OVERRIDABLE,
     Recipe,
     get_recipe,
+    gradient_accumulation,
 )
 
 
@@ -85,11 +86,32 @@ class TrainConfig:
     progress: bool = option(True, help="no progress bar")
     telemetry: bool = option(True, help="log no dense-weight statistics or per-group gradient norms")
 
-    def resolved(self) -> tuple["TrainConfig", Recipe]:
-        """The recipe with this config's overrides, and this config with every recipe field filled in."""
+    def resolved(self, world: int = 1) -> tuple["TrainConfig", Recipe]:
+        """The recipe with this config's overrides, and this config with every recipe field filled in, for a run
+        on `world` ranks: --grad-accum from the global batch, or an explicit --grad-accum setting the global batch
+        that run.json records (both given must agree)."""
+        if world > 1 and self.parallel == "none":
+            raise ConfigError(
+                f"{world} ranks with --parallel none would train {world} separate models; "
+                "pass --parallel ddp or --parallel fsdp"
+            )
         base = get_recipe(self.recipe or PRESET_RECIPES.get(self.preset, "cpu"))
         recipe = base.replace(**{k: getattr(self, k) for k in OVERRIDABLE if getattr(self, k) is not None})
-        return dataclasses.replace(self, recipe=recipe.name, **{k: getattr(recipe, k) for k in OVERRIDABLE}), recipe
+        grad_accum = self.grad_accum
+        if grad_accum is None:
+            grad_accum = gradient_accumulation(recipe, world)
+        elif grad_accum > 0:
+            sequences = recipe.batch_size * grad_accum * world
+            if self.global_batch is not None and self.global_batch != sequences:
+                raise ConfigError(
+                    f"--global-batch {self.global_batch} disagrees with --batch-size {recipe.batch_size} x "
+                    f"--grad-accum {grad_accum} x {world} rank(s) = {sequences}; pass only one of the two"
+                )
+            recipe = recipe.replace(global_batch=sequences)
+        tc = dataclasses.replace(
+            self, recipe=recipe.name, grad_accum=grad_accum, **{k: getattr(recipe, k) for k in OVERRIDABLE}
+        )
+        return tc, recipe
 
 
 def read_overrides(path: str) -> dict:
@@ -141,6 +163,25 @@ def model_config(tc: TrainConfig) -> MuddConfig:
     return MuddConfig.from_preset(tc.preset, **overrides)
 
 
+# Recipe fields a resumed run may change: names, and how the batch is split and computed. The batch itself is in
+# training_identity as the sequences per optimizer step.
+NOT_IDENTITY = ("name", "follows", "batch_size", "global_batch", "seq_len", "dtype")
+
+
+def training_identity(tc: TrainConfig, recipe: Recipe, seq_len: int, world: int, data: TokenData) -> dict:
+    """What a resumed run must share with its checkpoint (saved in it): the optimizer's settings and schedule, the
+    sequences and tokens of a step, the seed and the data. --max-steps may grow; how it computes may change."""
+    fixed = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name not in NOT_IDENTITY}
+    sequences = tc.batch_size * tc.grad_accum * world  # type: ignore[operator]  # both set once resolved
+    return {
+        **fixed,
+        "sequences_per_step": sequences,
+        "seq_len": seq_len,
+        "seed": tc.seed,
+        "data": data.meta.get("fingerprint"),
+    }
+
+
 def validate(tc: TrainConfig, cfg: MuddConfig, data: TokenData) -> int:
     """Check options against the model and data before anything is written; returns seq_len."""
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_windows"):
@@ -148,6 +189,11 @@ def validate(tc: TrainConfig, cfg: MuddConfig, data: TokenData) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(tc, name)}")
     if tc.parallel not in PARALLELISMS:
         raise ConfigError(f"--parallel {tc.parallel!r} is unknown; choose none, ddp or fsdp")
+    if cfg.moe_experts and cfg.moe_top_k == 1 and cfg.moe_norm_topk:
+        raise ConfigError(
+            "moe_top_k=1 with moe_norm_topk=true gives every token a gate of exactly 1, so the language-model loss "
+            "never trains the router; set moe_norm_topk=false (Switch Transformer's gate) or moe_top_k >= 2"
+        )
     seq_len = tc.seq_len or min(256, cfg.block_size)
     if seq_len > cfg.block_size:
         raise ConfigError(

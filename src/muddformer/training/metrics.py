@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -13,25 +14,41 @@ import torch
 from muddformer import __version__
 from muddformer._utils import atomic_path
 from muddformer.config import MuddConfig
+from muddformer.errors import DataError
 from muddformer.moe import inactive_parameters
 from muddformer.plotting import pyplot, save_png
 
 # Dense bf16 tensor-core peak per GPU: MFU is reported against it (also for float32 runs).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Matched against whole words of the device name, so that an L40S is not taken for an L4.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+}
 
 
 def flops_per_token(cfg: MuddConfig, params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 x the non-embedding parameters a token passes through (all but the routed
     experts it is not sent to) plus attention (PaLM appendix B), each layer's over at most its window."""
     context = sum(min(seq_len, window) if window else seq_len for window in cfg.attn_windows)
-    return 6 * (params - inactive_parameters(cfg) - cfg.vocab_size * cfg.dim) + 12 * cfg.dim * context
+    lookup = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.dim  # a tied table is also the output head
+    return 6 * (params - inactive_parameters(cfg) - lookup) + 12 * cfg.dim * context
 
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """The peak of a GPU named like "NVIDIA A100-SXM4-80GB"; None for one not in PEAK_FLOPS (no MFU then)."""
+    words = re.split(r"[\s_-]+", device_name.upper())
+    return next((v for k, v in PEAK_FLOPS.items() if k in words), None)
 
 
 class RunLog:
@@ -56,11 +73,9 @@ class RunLog:
         # A resumed run rewrites history after its checkpoint, so drop records from the lost steps.
         if not self.path.exists():
             return
-        keep = [
-            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-        ]
+        keep = [record for record in read_metrics(self.path) if record["step"] <= step]
         with atomic_path(str(self.path)) as tmp:
-            Path(tmp).write_text("".join(line + "\n" for line in keep))
+            Path(tmp).write_text("".join(json.dumps(record) + "\n" for record in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -81,9 +96,21 @@ class RunLog:
             self.writer.close()
 
     def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path) if self.path.exists() else []
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (the process killed mid-append, a full disk) is dropped, as
+    its step is redone on resume; an unreadable line before it is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise DataError(f"{path} line {i + 1} is not JSON; repair or remove that line") from None
+    return records
 
 
 def plot_losses(records: list[dict], path: Path, title: str) -> None:

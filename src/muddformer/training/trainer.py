@@ -37,10 +37,10 @@ from muddformer.inference.generation import sample_generate
 from muddformer.model import MuddModel, copy_body_weights, count_parameters, next_token_loss
 from muddformer.telemetry import SpikeWatch, expert_load, group_grad_norms
 from muddformer.training.checkpointing import list_checkpoints, resume_latest, save_checkpoint
-from muddformer.training.config import TrainConfig, model_config, validate
+from muddformer.training.config import TrainConfig, model_config, training_identity, validate
 from muddformer.training.metrics import RunLog, environment, flops_per_token, peak_flops, plot_losses
 from muddformer.training.parallel import DistInfo, all_reduce_mean, close_distributed, init_distributed, parallelize
-from muddformer.training.recipes import Recipe, gradient_accumulation, param_groups
+from muddformer.training.recipes import Recipe, param_groups
 from muddformer.training.schedule import lr_at
 
 
@@ -72,12 +72,10 @@ def start_from(core: MuddModel, folder: str) -> None:
 
 def train(tc: TrainConfig) -> dict:
     """Run (or resume) training; returns the final metrics."""
-    tc, recipe = tc.resolved()
-    cfg = model_config(tc)
     info = init_distributed(tc.device)
     try:
-        if tc.grad_accum is None:
-            tc = dataclasses.replace(tc, grad_accum=gradient_accumulation(recipe, info.world))
+        tc, recipe = tc.resolved(info.world)
+        cfg = model_config(tc)
         data = TokenData(tc.data) if tc.data else TokenData(shared_bundled_data(info))
         seq_len = validate(tc, cfg, data)
         if cfg.eos_token_id is None and data.eot_id is not None:  # generation stops at the data's end-of-text
@@ -130,7 +128,8 @@ class Trainer:
         self.use_autocast = lowp and tc.parallel != "fsdp"  # FSDP casts through its own policy
         fused = {"fused": True} if info.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(param_groups(self.core, recipe), lr=tc.lr, eps=tc.eps, **fused)
-        resumed = resume_latest(self.ckpt_root, self.model, self.optimizer, cfg, report=self.say)
+        self.identity = training_identity(tc, recipe, seq_len, info.world, data)
+        resumed = resume_latest(self.ckpt_root, self.model, self.optimizer, cfg, self.say, self.identity)
         self.start = resumed.step if resumed else 0
         if resumed:
             self.say(f"resuming from {resumed.folder} (step {self.start})")
@@ -242,6 +241,7 @@ class Trainer:
         tc = self.tc
         position = {"step": done, "micro_batches_per_step": tc.grad_accum}
         meta = {"seed": tc.seed, "tokens": done * self.tokens_per_step, "data_position": position}
+        meta["training"] = self.identity
         save_checkpoint(
             self.ckpt_root,
             done,
@@ -329,6 +329,7 @@ class Trainer:
                 last.update(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
+            paused = time.perf_counter()
             if evaluating:
                 val = self.evaluate()
                 self.log.log({"step": done, "val_loss": val})
@@ -338,7 +339,7 @@ class Trainer:
                 self.plot()
             if saving:
                 self.save(done)
-                window_start = time.perf_counter()  # do not count checkpoint time as training time
+            window_start += time.perf_counter() - paused  # evaluation and checkpoints are not training time
         bar.close()
         # Under FSDP every rank takes part in each forward; otherwise rank 0 samples alone.
         if tc.sample_tokens > 0 and self.data.tokenizer_path.is_file() and (info.is_main or tc.parallel == "fsdp"):

@@ -110,11 +110,12 @@ def run_compare(cc: CompareConfig, out: Path, progress: bool = True) -> dict:
 def report_compare(out: Path) -> dict:
     """The results of a compare folder from its small files alone; refuses while a run is unfinished."""
     cc = stored_settings(out)
+    runs = [(c, seed, None) for seed in cc.seeds for c in cc.connections]
+    runs += [(cc.baseline, seed, cc.baseline_steps) for seed in cc.seeds if cc.baseline_steps]
     missing = [
-        str(run_folder(out, c, seed))
-        for seed in cc.seeds
-        for c in cc.connections
-        if final_val_loss(read_records(run_folder(out, c, seed)), cc.steps) is None
+        str(run_folder(out, c, seed, steps))
+        for c, seed, steps in runs
+        if final_val_loss(read_records(run_folder(out, c, seed, steps)), steps or cc.steps) is None
     ]
     if missing:
         raise InputError(
@@ -122,6 +123,6 @@ def report_compare(out: Path) -> dict:
             f"{', ...' if len(missing) > 3 else ''}); run `{command_line(cc, out)}` to finish them"
         )
     results = collect_results(cc, cc.data or str(bundled_data_dir()), out)
-    results["runs"] = {"trained": 0, "skipped": len(cc.seeds) * len(cc.connections)}
+    results["runs"] = {"trained": 0, "skipped": len(runs)}
     write_outputs(results, out)
     return results
