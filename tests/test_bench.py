@@ -5,8 +5,15 @@ import json
 import torch
 from conftest import REPO, small_config
 
+from muddformer import MuddModel
 from muddformer.cli import main
-from muddformer.experiments.bench import mix_step_fns, paired_ratio, saved_activation_bytes
+from muddformer.experiments.bench import (
+    mix_step_fns,
+    paired_ratio,
+    resident_bytes,
+    saved_activation_bytes,
+    train_step_fn,
+)
 
 
 def test_bench_json_has_the_ratios(capsys, tmp_path):
@@ -70,6 +77,26 @@ def test_bench_table_and_refusals(capsys):
     assert "ratios to residual" in text and "speedup" in text
     assert main(["bench", "--preset", "nano", "--seq-len", "999"]) == 2
     assert "exceeds the preset's block_size" in capsys.readouterr().err
+    for flags, message in (
+        (["--decode-tokens", "1"], "--decode-tokens must be at least 2, got 1"),
+        (["--reps", "0"], "--reps must be at least 1, got 0"),
+        (["--mix-impl", "triton"], "--mix-impl triton needs the triton package and a CUDA device"),
+    ):
+        if "triton" in flags and torch.cuda.is_available():
+            continue
+        assert main(["bench", "--preset", "nano", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_resident_bytes_are_weights_and_optimizer_state():
+    model = MuddModel(small_config())
+    step = train_step_fn(model, torch.randint(0, 97, (2, 8)))
+    params = list(model.parameters())
+    weights = sum(p.numel() for p in params) * 4
+    assert resident_bytes(model, step.optimizer) == weights  # no state before the first step
+    step()
+    assert resident_bytes(model, step.optimizer) == 3 * weights + 4 * len(params)  # exp_avg, exp_avg_sq, step
 
 
 def test_saved_activation_bytes_counts_each_storage_once():

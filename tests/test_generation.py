@@ -117,6 +117,8 @@ def test_generation_refusals():
         generate(model, ids, 2, do_sample=True, top_p=1.5)
     with pytest.raises(InputError, match="cache must be"):
         generate(model, ids, 2, cache="paged")
+    with pytest.raises(InputError, match=r"compile=True compiles the static cache's decode step; pass cache='static'"):
+        generate(model, ids, 2, compile=True)
 
 
 def test_compiled_static_decode_matches_eager():

@@ -5,15 +5,16 @@ import math
 
 import pytest
 import torch
-from conftest import FIXTURE_NAMES, FIXTURE_TOL, assert_one_line_error, randomize_connection
+from conftest import FIXTURE_NAMES, FIXTURE_TOL, assert_one_line_error, build, randomize_connection
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from muddformer import MuddConfig, MuddForCausalLM, MuddModel
 from muddformer.adapters.hf import CACHE_NAME, MuddHFConfig, MuddPythiaForCausalLM
 from muddformer.data.corpus import bundled_split
 from muddformer.data.tokenizers import export_tokenizer, load_tokenizer
-from muddformer.errors import DependencyError
+from muddformer.errors import DependencyError, InputError
 from muddformer.evaluation.harness import LOCAL_TASK, local_task_items, local_tasks_dir
+from muddformer.evaluation.perplexity import perplexity
 from muddformer.inference.generation import generate
 from muddformer.model import next_token_loss
 
@@ -189,6 +190,32 @@ def test_generate_and_eval_refusals(model_dir, tmp_path, fixtures_dir, run_cli):
 
 
 # ---- mudd eval --ppl ---------------------------------------------------------------------------
+@pytest.mark.parametrize("window, stride", [(8, 3), (8, 4), (8, 8), (5, 5), (2, 1), (2, 2)])
+def test_sliding_window_scores_every_token_once_in_its_window(window, stride):
+    """Each token's loss equals a forward of its own context (the tokens of its window before it), summed once."""
+    model = build(1).eval()
+    randomize_connection(model)
+    for length in (40, 37):
+        ids = torch.randint(0, 97, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+        got = perplexity(model, ids, n_bytes=length, window=window, stride=stride)
+        nll, scored, start, contexts = 0.0, 1, 0, []
+        while scored < length:  # the documented windows: start + k x stride, never past the token before
+            start = min(start, scored - 1)
+            end = min(start + window, length)
+            for i in range(scored, end):
+                with torch.no_grad():
+                    logits = model(torch.tensor([ids[start:i]])).logits[0, -1].double()
+                nll -= torch.log_softmax(logits, -1)[ids[i]].item()
+                contexts.append(i - start)
+            scored, start = end, start + stride
+        assert got.tokens == len(contexts) == length - 1 and 1 <= min(contexts) and max(contexts) <= window - 1
+        assert got.nll == pytest.approx(nll, rel=1e-5)
+    with pytest.raises(InputError, match=r"need 2 <= window \(1\)"):
+        perplexity(model, ids, 1, window=1)
+    with pytest.raises(InputError, match=r"0 < stride \(0\) <= window"):
+        perplexity(model, ids, 1, window=8, stride=0)
+
+
 def test_eval_perplexity_equals_the_direct_loss(model_dir, tmp_path, run_cli):
     text = bundled_split("val")[0][:200]
     path = tmp_path / "short.txt"

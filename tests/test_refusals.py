@@ -163,6 +163,8 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["config.json"]
+    write_json_atomic(str(tmp_path / "new" / "folder" / "results.json"), {"b": 2})  # e.g. `--output new/x.json`
+    assert json.loads((tmp_path / "new" / "folder" / "results.json").read_text()) == {"b": 2}
 
 
 def test_a_folder_held_by_another_process_is_refused_until_it_exits(tmp_path):

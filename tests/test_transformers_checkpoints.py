@@ -3,10 +3,13 @@ transformers' model as residual models, and exactly the converted residual model
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
+from muddformer.adapters.folders import read_tensors
 from muddformer.adapters.transformers_checkpoints import load_transformers_model
 from muddformer.errors import CheckpointError
 
@@ -136,6 +139,19 @@ def test_a_converted_model_goes_back_to_the_same_transformers_checkpoint(checkpo
     with torch.no_grad():
         want = reference(tokens()).logits
         torch.testing.assert_close(back(tokens()).logits, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # --dtype applies to this format too; the tokenizer files travel along every conversion.
+    (tmp_path / "ours" / "tokenizer.json").write_text("{}")
+    half = tmp_path / "half"
+    assert main(["convert", str(tmp_path / "ours"), str(half), "--transformers-format", "--dtype", "bfloat16"]) == 0
+    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in read_tensors(str(half)).values()} == {torch.bfloat16}
+    assert (half / "tokenizer.json").read_text() == "{}"
+    for flags, message in (
+        (["--published-format", "--transformers-format"], "exclude each other"),
+        (["--transformers-format"], "is a transformers checkpoint, which converts to our format"),
+    ):
+        assert main(["convert", str(folder), str(tmp_path / "refused"), *flags]) == 2
+        assert not (tmp_path / "refused").exists()
 
 
 def test_models_no_transformers_family_computes_are_refused():

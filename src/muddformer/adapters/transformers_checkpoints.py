@@ -16,6 +16,7 @@ from muddformer._utils import write_json_atomic
 from muddformer.adapters.folders import (
     CONFIG_NAME,
     DEFAULT_SHARD_SIZE,
+    parse_dtype,
     read_folder_raw_config,
     read_tensors,
     save_tensors,
@@ -309,11 +310,16 @@ def state_to_transformers(cfg: MuddConfig, state: dict[str, torch.Tensor]) -> di
     return out
 
 
-def save_transformers_model(model: MuddModel, folder: str, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> str:
-    """Write a residual model as the transformers checkpoint that computes it; returns the family written."""
+def save_transformers_model(
+    model: MuddModel, folder: str, max_shard_size: int | str = DEFAULT_SHARD_SIZE, dtype: str | None = None
+) -> str:
+    """Write a residual model as the transformers checkpoint that computes it (weights in `dtype`, default
+    float32); returns the family written."""
     cfg = model.config
     config = config_to_transformers(cfg)
-    state = {k: v.float() for k, v in model.state_dict().items()}
+    target = parse_dtype(dtype or "float32")
+    config["torch_dtype"] = str(target).removeprefix("torch.")
+    state = {k: v.to(target) for k, v in model.state_dict().items()}
     save_tensors(state_to_transformers(cfg, state), folder, max_shard_size)
     write_json_atomic(f"{folder}/{CONFIG_NAME}", config)
     return config["model_type"]

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default=None,
-        help="weights dtype to write (default: as stored; bfloat16 for --published-format)",
+        help="weights dtype to write (default: as stored; bfloat16 for --published-format, float32 for "
+        "--transformers-format)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="split weights into shards above this size (default 5GB)")
     p.add_argument(
@@ -61,24 +62,41 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_set(args.set)
     if args.connection:
         overrides["connection"] = args.connection
+    if args.published_format and args.transformers_format:
+        raise InputError("--published-format and --transformers-format exclude each other; pass one")
     if is_transformers_checkpoint(raw):
+        if args.published_format or args.transformers_format:
+            raise InputError(
+                f"{args.src} is a transformers checkpoint, which converts to our format; drop the format flag "
+                "(or convert the result again)"
+            )
         model = load_transformers_model(args.src, **overrides)
         save_model(model, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype)
-        for name in TOKENIZER_FILES:  # so the folder tokenizes as the original did
-            for path in glob.glob(os.path.join(args.src, name)):
-                shutil.copy(path, args.dst)
+        copy_tokenizer_files(args.src, args.dst)
         print(f"wrote {args.dst} ({raw['model_type']} -> muddformer, connection {model.config.connection})")
         return 0
     if overrides:
         raise InputError("--connection and --set apply to transformers checkpoints; this folder is a MUDD model")
     model = load_model(args.src, dtype="auto")
     if args.transformers_format:
-        family = save_transformers_model(model, args.dst, max_shard_size=args.max_shard_size)
-        print(f"wrote {args.dst} (transformers {family} format)")
-        return 0
-    save_model(
-        model, args.dst, published_format=args.published_format, max_shard_size=args.max_shard_size, dtype=args.dtype
-    )
-    fmt = "published" if args.published_format else "muddformer"
+        family = save_transformers_model(model, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype)
+        fmt = f"transformers {family}"
+    else:
+        save_model(
+            model,
+            args.dst,
+            published_format=args.published_format,
+            max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
+        )
+        fmt = "published" if args.published_format else "muddformer"
+    copy_tokenizer_files(args.src, args.dst)
     print(f"wrote {args.dst} ({fmt} format)")
     return 0
+
+
+def copy_tokenizer_files(src: str, dst: str) -> None:
+    """The tokenizer files beside the weights, so that the new folder tokenizes as the original did."""
+    for name in TOKENIZER_FILES:
+        for path in glob.glob(os.path.join(src, name)):
+            shutil.copy(path, dst)

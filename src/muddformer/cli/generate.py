@@ -106,5 +106,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     p.add_argument("--cache", choices=KV_CACHES, default="dynamic", help="KV cache kind")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (with --cache static)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (needs --cache static)")
     add_load_arguments(p)

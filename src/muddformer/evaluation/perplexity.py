@@ -52,33 +52,31 @@ def perplexity(
 
     Windows of `window` tokens (default: the context length) advance by `stride` (default window/2);
     each window scores only the tokens not scored by the previous one, so most tokens see at least
-    window - stride tokens of context.
+    window - stride tokens of context. A window starts no later than the token before the first one
+    it scores (with stride = window each window then scores window - 1 tokens).
     """
-
-    window = window or model.config.block_size
-    stride = stride or max(1, window // 2)
-    if not 0 < stride <= window <= model.config.block_size:
-        raise InputError(f"need 0 < stride ({stride}) <= window ({window}) <= block_size ({model.config.block_size})")
+    block = model.config.block_size
+    window = block if window is None else window
+    stride = max(1, window // 2) if stride is None else stride
+    if not (2 <= window <= block and 0 < stride <= window):
+        raise InputError(f"need 2 <= window ({window}) <= block_size ({block}) and 0 < stride ({stride}) <= window")
     if len(ids) < 2:
         raise InputError("the text has fewer than 2 tokens; nothing to score")
     device = next(model.parameters()).device
     model.eval()
-    nll, scored, start = 0.0, 1, 0  # token 0 has no context and is not scored
-    starts = list(range(0, max(1, len(ids) - 1), stride))
-    for start in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
-        end = min(start + window, len(ids))
-        chunk = torch.tensor([ids[start:end]], device=device)
-        logits = model(chunk[:, :-1]).logits
-        targets = chunk[:, 1:].clone()
-        fresh = end - scored  # tokens in this window not scored yet
-        if fresh <= 0:
-            continue
-        targets[:, : targets.shape[1] - fresh] = -100
-        nll += next_token_loss(logits, targets).item() * fresh
-        scored = end
-        if end == len(ids):
-            break
-    return Perplexity(tokens=scored - 1, bytes=n_bytes, nll=nll)
+    nll, scored, start = 0.0, 1, 0  # scored: the next token to score (token 0 has no context)
+    with tqdm(total=len(ids) - 1, desc="perplexity", unit="token", disable=not progress) as bar:
+        while scored < len(ids):
+            start = min(start, scored - 1)
+            end = min(start + window, len(ids))
+            chunk = torch.tensor([ids[start:end]], device=device)
+            targets = chunk[:, 1:].clone()
+            fresh = end - scored  # 1 <= fresh <= targets: the window holds scored - 1
+            targets[:, : targets.shape[1] - fresh] = -100
+            nll += next_token_loss(model(chunk[:, :-1]).logits, targets).item() * fresh
+            scored, start = end, start + stride
+            bar.update(fresh)
+    return Perplexity(tokens=len(ids) - 1, bytes=n_bytes, nll=nll)
 
 
 def text_perplexity(

@@ -24,6 +24,7 @@ from muddformer.errors import InputError
 from muddformer.inference.generation import generate
 from muddformer.inference.kv_cache import KVCache
 from muddformer.kernels.depth_mix import DepthBuffer, depth_mix_buffered, depth_mix_reference
+from muddformer.kernels.depth_mix_triton import triton_available
 from muddformer.model import MuddModel, count_parameters, training_loss
 from muddformer.options import DTYPES, option
 from muddformer.training.config import parse_set_item
@@ -74,6 +75,14 @@ class BenchConfig:
         unknown = [impl for impl in self.mix_impls if impl not in FAST_MIXES]
         if unknown:
             raise InputError(f"--mix-impl {unknown[0]!r} is not a fast depth mix; choose from {', '.join(FAST_MIXES)}")
+        least = {"reps": 1, "warmup": 0, "batch_size": 1, "prompt_len": 1, "decode_tokens": 2, "decode_batch": 1}
+        for name, low in least.items():  # decode is timed per token after the first (which ends the prefill)
+            if getattr(self, name) < low:
+                raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if "triton" in self.mix_impls and not triton_available(torch.device(self.device)):
+            raise InputError(
+                "--mix-impl triton needs the triton package and a CUDA device (or TRITON_INTERPRET=1 on the CPU)"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -152,6 +161,7 @@ def build(cfg: MuddConfig, bc: BenchConfig, device: torch.device) -> MuddModel:
 
 
 def train_step_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """One AdamW step on `ids`; the optimizer is the function's `optimizer` attribute."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step() -> None:
@@ -159,7 +169,14 @@ def train_step_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Non
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.optimizer = opt  # type: ignore[attr-defined]
     return step
+
+
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes a model keeps between steps: its weights and its optimizer's state (gradients are freed)."""
+    tensors = list(model.parameters()) + [t for state in optimizer.state.values() for t in state.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def decode_seconds_per_token(model: MuddModel, prompt: torch.Tensor, tokens: int, compile: bool) -> Callable[[], float]:
@@ -251,12 +268,17 @@ def run_bench(bc: BenchConfig) -> dict:
     compiled = {name: torch.compile(m) if bc.compile else m for name, m in models.items()}
     steps = {name: train_step_fn(m, ids) for name, m in compiled.items()}
     if device.type == "cuda":
+        for step in steps.values():
+            step()  # every optimizer's state exists before any peak is taken
         for name, step in steps.items():
-            step()  # optimizer state exists before the peak is taken
+            # Every model stays on the device: a step's peak is its rise over what is held before it, plus this
+            # model's own weights and optimizer state (the other models' are not its cost).
             torch.cuda.synchronize(device)
+            held = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             step()
-            results[name]["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+            rise = torch.cuda.max_memory_allocated(device) - held
+            results[name]["peak_bytes"] = rise + resident_bytes(models[name], step.optimizer)  # type: ignore[attr-defined]
     peak = peak_flops(device)
     rounds: dict[str, dict[str, list[float]]] = {"train_step": interleaved_times(steps, bc.reps, bc.warmup, device)}
     for name, times in rounds["train_step"].items():
@@ -359,7 +381,7 @@ def format_report(report: dict) -> str:
             )
     lines.append("  (time ratios: median over interleaved rounds of the round's ratio [quartiles])")
     lines.append(
-        f"  depth mixing of one {report['headline']} training step (fwd+bwd): naive loop "
+        "  MUDD's depth mixing (4 streams, per-token weights) of one training step at this shape (fwd+bwd): naive loop "
         f"{report['mix_naive_s'] * 1e3:.2f} ms, ours ({report['mix_impl']}) {report['mix_ours_s'] * 1e3:.2f} ms, "
         f"speedup {report['mix_speedup']:.2f}x"
     )

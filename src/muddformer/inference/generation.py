@@ -105,6 +105,8 @@ def generate(
         check_sampling(temperature, top_k, top_p, repetition_penalty)
     if cache not in ("dynamic", "static"):
         raise InputError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    if compile and cache != "static":  # a dynamic cache grows every token: there is no one graph to compile
+        raise InputError("compile=True compiles the static cache's decode step; pass cache='static' (--cache static)")
     model.check_inputs(input_ids)
     B, P = input_ids.shape
     total = P + max_new_tokens
@@ -135,7 +137,7 @@ def generate(
     logits = model(
         input_ids, attention_mask=attention_mask, cache=kv, cache_position=torch.arange(P, device=device)
     ).logits[:, -1]
-    step = _decode_step(model, compile and cache == "static")
+    step = _decode_step(model, compile)
     seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device) if repetition_penalty != 1.0 else None
     if seen is not None:
         seen.scatter_(1, input_ids.long(), attention_mask.bool())

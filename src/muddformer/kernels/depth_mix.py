@@ -23,6 +23,7 @@ import torch
 
 import muddformer.kernels.depth_mix_compiled as compiled
 from muddformer.config import MIX_IMPLS as IMPLS
+from muddformer.errors import ConfigError
 from muddformer.layers import Streams
 
 
@@ -162,7 +163,7 @@ def mix_backend(impl: str, buffer: torch.Tensor) -> Backend:
 
     if impl == "triton":
         if not triton_available(buffer.device):
-            raise ValueError(
+            raise ConfigError(
                 "mix_impl='triton' needs the triton package and a CUDA device "
                 "(or TRITON_INTERPRET=1 on the CPU); use mix_impl='auto'"
             )
