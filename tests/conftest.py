@@ -28,7 +28,8 @@ RIVAL_CONNECTIONS = [
 ]  # act around each sub-layer (connections/hyper.py, attn_residual.py)
 ALL_CONNECTIONS = DENSE_CONNECTIONS + RIVAL_CONNECTIONS
 # Modules whose tests call dependencies' APIs that drift between releases (transformers, generation, lm-eval,
-# safetensors, tokenizers, triton, parity): marked `upstream`, run by `make test-latest` and `make test-oldest`.
+# safetensors, tokenizers, triton, parity, registration): marked `upstream`, run by `make test-latest` and
+# `make test-oldest`.
 UPSTREAM_MODULES = {
     "test_dependencies",
     "test_hf_eval",
@@ -37,6 +38,7 @@ UPSTREAM_MODULES = {
     "test_refusals",
     "test_data",
     "test_triton_kernel",
+    "test_layout",  # transformers' registration, in either import order
 }
 
 

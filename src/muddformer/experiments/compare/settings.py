@@ -81,7 +81,9 @@ class CompareConfig:
     data: str | None = option(
         None, help="prepared data folder (`mudd prepare`); default: the bundled Shakespeare corpus"
     )
-    batch_size: int = option(8, help="sequences per step")
+    batch_size: int = option(
+        8, help="sequences per micro-batch (replaces the recipe's; its --global-batch sets the accumulation)"
+    )
     seq_len: int | None = option(None, help="tokens per sequence (default min(256, block_size))")
     lr: float | None = option(None, help="peak learning rate (default as `mudd train`)")
     lr_for: dict[str, float] = option(  # per-connection peak LR (each at its own best)
