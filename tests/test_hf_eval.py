@@ -134,6 +134,9 @@ def test_forward_refuses_a_cache_under_a_name_it_does_not_read(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with pytest.raises(DependencyError, match="KV cache as 'cache_params'"):
         model(torch.tensor([[5, 17]]), cache_params=DynamicCache(config=model.config))
+    # transformers' own preallocated cache keeps its tensors in a layout our attention does not read
+    with pytest.raises(InputError, match="transformers' StaticCache is not one muddformer decodes with"):
+        model.generate(torch.tensor([[5, 17]]), max_new_tokens=2, do_sample=False, cache_implementation="static")
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

@@ -144,6 +144,12 @@ class MuddForCausalLM(PreTrainedModel, GenerationMixin):
         """transformers' causal-LM forward. The KV cache comes as `cache` (transformers >= 5.24) or
         `past_key_values` (earlier releases and older callers) and goes back under the name the
         installed release reads (CACHE_NAME)."""
+        given = cache if cache is not None else past_key_values
+        if isinstance(given, Cache) and not isinstance(given, DynamicCache):  # e.g. cache_implementation="static"
+            raise InputError(
+                f"transformers' {type(given).__name__} is not one muddformer decodes with; drop cache_implementation "
+                "(a dynamic cache), or use muddformer's generate(..., cache='static') for a preallocated one"
+            )
         if attention_mask is not None and attention_mask.dim() != 2:
             raise InputError(
                 f"attention_mask must be (batch, seq_len) of 1 (token) and 0 (padding), got shape "
