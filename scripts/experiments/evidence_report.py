@@ -3,7 +3,7 @@ runs finished so that the analysis is fixed in advance:
 
 - main: every connection's final validation loss over seeds, Δ against residual with Welch's p and Cohen's d,
   the compute multiplier on residual's longer curve, the seed spread against residual's;
-- MUDD against Transformer++ and against DDFormer (Δ, p, d, multiplier; against DDFormer the multiplier reads
+- MUDD against residual and against DDFormer (Δ, p, d, multiplier; against DDFormer the multiplier reads
   DDFormer's own curve, so it is a bound when MUDD ends below DDFormer's last point);
 - the targets (p < 0.01 against residual, seed std at most 2x residual's, multiplier >= 1.5) as met or missed;
 - depth: MUDD's gain over residual at 6 and at 18 layers and the difference of the two gains, with its
@@ -20,6 +20,14 @@ from pathlib import Path
 
 from muddformer.experiments.compare.report import format_multiplier, format_p
 from muddformer.experiments.compare.stats import compute_multiplier, difference_test
+
+# The targets speak of Transformer++; the comparison's baseline is MUDD's own body with a residual stream.
+BASELINE_NOTE = (
+    "The baseline `residual` is the `tiny` family's body (the linear FFN width re-allocation and q/k norm that "
+    "MUDDFormer uses) with a residual stream, not the paper's Transformer++ (constant FFN width, no q/k norm; "
+    "preset `tfm++-tiny`). The paper's ablation (Table 5) found the re-allocation alone hurts a Transformer "
+    "(405M perplexity 11.93 against 11.68), so this baseline may be weaker than Transformer++."
+)
 
 
 def load(folder: Path) -> dict | None:
@@ -77,7 +85,7 @@ def main() -> None:
     main_results, depth = load(root / "main"), load(root / "depth")
     if main_results is None:
         sys.exit(f"{root / 'main' / 'results.json'} is missing: run scripts/experiments/evidence.sh first")
-    lines = main_table(main_results) + [""]
+    lines = [BASELINE_NOTE, ""] + main_table(main_results) + [""]
     summary: dict = {"mudd_vs": {}}
     for other in ("residual", "ddformer"):
         v = summary["mudd_vs"][other] = versus(main_results, "mudd", other)
