@@ -51,6 +51,7 @@ def config_from_published(d: dict[str, Any]) -> MuddConfig:
         if dense_type not in ("qkvr", "l"):
             raise ConfigError(f"config.json dense_type {dense_type!r} is unknown; expected 'qkvr' or 'l'")
         connection = "mudd" if dense_type == "qkvr" else "ddformer"
+    bos, eos = token_ids(d)
     return MuddConfig(
         vocab_size=d["vocab_size"],
         n_layer=d["n_layer"],
@@ -71,8 +72,8 @@ def config_from_published(d: dict[str, Any]) -> MuddConfig:
         attn_impl="reference",
         mix_impl="reference",
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        bos_token_id=token_ids(d)[0],
-        eos_token_id=token_ids(d)[1],
+        bos_token_id=bos,
+        eos_token_id=eos,
     )
 
 
@@ -115,10 +116,9 @@ def config_to_published(cfg: MuddConfig, torch_dtype: str = "bfloat16") -> dict[
         problems.append("partial rotary on the llama block (the reference rotates the full head)")
     if cfg.tie_word_embeddings:
         problems.append("tie_word_embeddings=True (the reference has an untied head)")
+    # The reference rounds its rotary table: with another rounding a reloaded model would compute other logits.
     table = "float16" if cfg.block == "pythia" else "bfloat16"
-    if (
-        cfg.rope_table_dtype != table
-    ):  # the reference rounds its rotary table: a reloaded model would compute other logits
+    if cfg.rope_table_dtype != table:
         problems.append(
             f"rope_table_dtype={cfg.rope_table_dtype!r} (the reference's {cfg.block} block rounds the rotary "
             f"table to {table}; save in our format, or set rope_table_dtype={table!r} before training)"

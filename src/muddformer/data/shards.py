@@ -71,9 +71,9 @@ def prepare_documents(
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
-            intact = shard_problem(out, meta) is None and (out / meta.get("tokenizer", TOKENIZER_NAME)).is_file()
-            if meta.get("fingerprint") == fingerprint and intact:  # else prepared again: that repairs it
-                return meta
+            tokenizer_kept = (out / meta.get("tokenizer", TOKENIZER_NAME)).is_file()
+            if meta.get("fingerprint") == fingerprint and tokenizer_kept and shard_problem(out, meta) is None:
+                return meta  # else prepared again, which also repairs missing or truncated files
         except json.JSONDecodeError:
             pass
     tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(docs["train"], vocab_size)
