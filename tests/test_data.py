@@ -11,7 +11,7 @@ from muddformer.cli import main
 from muddformer.data.batches import eval_windows, sample_batch
 from muddformer.data.corpus import VALIDATION_PLAYS, bundled_plays, cache_dir
 from muddformer.data.shards import TokenData, prepare
-from muddformer.data.tokenizers import load_tokenizer
+from muddformer.data.tokenizers import export_tokenizer, load_tokenizer, tokenizer_file
 from muddformer.errors import DataError
 
 
@@ -70,6 +70,18 @@ def test_prepare_refuses_bad_input(tmp_path):
         with pytest.raises(DataError, match="tokenizer.json does not exist; pass a tokenizer.json or a folder"):
             prepare([str(tmp_path / "a.txt")], tmp_path / "o", tokenizer=str(missing))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_tokenizer_is_the_given_one_or_the_folders_own(play_data, tmp_path):
+    model, given = tmp_path / "model", play_data / "tokenizer.json"
+    model.mkdir()
+    with pytest.raises(DataError, match="model has no tokenizer.json; pass --tokenizer FILE"):
+        tokenizer_file(model, None)
+    with pytest.raises(DataError, match="tokenizer file .*missing.json does not exist"):  # names the given file
+        tokenizer_file(model, tmp_path / "missing.json")
+    assert tokenizer_file(model, play_data) == tokenizer_file(model, given) == given
+    export_tokenizer(play_data, model, 64)  # a folder that holds one, as everywhere else
+    assert tokenizer_file(model, None).read_bytes() == given.read_bytes()
 
 
 def test_prepare_cli(tmp_path, capsys):

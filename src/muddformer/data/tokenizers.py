@@ -57,11 +57,12 @@ def eot_id(tok) -> int | None:
     return tok.token_to_id(EOT)
 
 
-def export_tokenizer(tokenizer_json: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:
-    """Copy tokenizer.json into a model folder with the tokenizer_config.json that AutoTokenizer reads."""
-    folder = Path(folder)
-    tok = load_tokenizer(tokenizer_json)
-    shutil.copyfile(tokenizer_json, folder / TOKENIZER_NAME)
+def export_tokenizer(tokenizer: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:
+    """Copy a tokenizer.json (the file, or the one in a folder) into a model folder with the
+    tokenizer_config.json that AutoTokenizer reads."""
+    folder, source = Path(folder), tokenizer_json(tokenizer)
+    tok = load_tokenizer(source)
+    shutil.copyfile(source, folder / TOKENIZER_NAME)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length}
     if eot_id(tok) is not None:
         config.update(eos_token=EOT, bos_token=EOT)
@@ -70,9 +71,9 @@ def export_tokenizer(tokenizer_json: str | os.PathLike, folder: str | os.PathLik
 
 def tokenizer_file(model: str | Path, tokenizer: str | Path | None) -> Path:
     """The tokenizer.json to use with a model folder: the given file (or folder), else the folder's own."""
-    path = Path(tokenizer) if tokenizer else Path(model) / TOKENIZER_NAME
-    if path.is_dir():
-        path = path / TOKENIZER_NAME
+    if tokenizer:
+        return tokenizer_json(tokenizer)
+    path = Path(model) / TOKENIZER_NAME
     if not path.is_file():
         raise DataError(f"{model} has no {TOKENIZER_NAME}; pass --tokenizer FILE")
     return path
