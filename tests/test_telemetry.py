@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, build, nano_run
 
-from muddformer.telemetry import BLOWUP, SpikeWatch, group_grad_norms, weight_stats
+from muddformer.telemetry import BLOWUP, ExpertTally, SpikeWatch, group_grad_norms, weight_stats
 from muddformer.training.trainer import train
 
 
@@ -95,3 +95,34 @@ def test_analyze_plots_a_runs_telemetry(play_data, tmp_path, run_cli):
     assert peaks["1"]["max_abs"] == max(r["dense/1/r/max_abs"] for r in records if "loss" in r)
     assert_one_line_error(run_cli("analyze", "--out", tmp_path / "x"), "nothing to analyze")
     assert_one_line_error(run_cli("analyze", "--run", tmp_path, "--out", tmp_path / "x"), "not a run folder")
+
+
+def test_expert_load_is_the_mean_over_a_steps_forwards_and_ranks():
+    from types import SimpleNamespace
+
+    def model(*loads):  # a dense layer, then mixture-of-experts layers with these shares of the assignments
+        layers = [SimpleNamespace(feed_forward=SimpleNamespace())]
+        return SimpleNamespace(
+            layers=layers + [SimpleNamespace(feed_forward=SimpleNamespace(load=torch.tensor(l))) for l in loads]
+        )
+
+    tally = ExpertTally()
+    assert tally.read() == {}
+    tally.add(model([0.5, 0.5], [1.0, 0.0, 0.0, 0.0]), torch.tensor(0.3))
+    tally.add(model([0.25, 0.75], [0.0, 0.0, 0.5, 0.5]), torch.tensor(0.1))
+    assert tally.read() == pytest.approx(
+        {
+            "moe/router_loss": 0.2,
+            "moe/1/load/0": 0.75,  # mean share 0.375 x 2 experts
+            "moe/1/load/1": 1.25,
+            "moe/1/max_load": 1.25,
+            "moe/2/load/0": 2.0,  # 0.5 x 4
+            "moe/2/load/1": 0.0,
+            "moe/2/load/2": 1.0,
+            "moe/2/load/3": 1.0,
+            "moe/2/max_load": 2.0,  # of the mean load, not the mean of each forward's maximum (4.0 and 2.0)
+        }
+    )
+    other_rank = torch.tensor([0.4, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25])  # what the ranks' mean mixes in
+    averaged = tally.read(lambda t: (t + other_rank) / 2)
+    assert averaged["moe/router_loss"] == pytest.approx(0.3) and averaged["moe/2/max_load"] == pytest.approx(1.5)

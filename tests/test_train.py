@@ -142,6 +142,19 @@ def test_metrics_with_a_torn_last_line_resume_and_report(tmp_path):
         RunLog(tmp_path, 0, tensorboard=False, enabled=False).records()
 
 
+def test_a_restart_before_the_first_checkpoint_leaves_each_step_once_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for losses in ([5.0, 4.0], [5.5, 4.5, 3.5]):  # the first run stopped before any checkpoint: redone from step 0
+        log = RunLog(tmp_path, 0, tensorboard=True, enabled=True)
+        for step, loss in enumerate(losses, 1):
+            log.log({"step": step, "loss": loss})
+        log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 5.5), (2, 4.5), (3, 3.5)]
+
+
 @pytest.mark.slow
 def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--max-steps", "60", "--save-every", "4", "--eval-every", "30"]
@@ -160,9 +173,11 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     proc.wait()
     kept = sorted(os.listdir(broken / "checkpoints"))
     assert "step_000060" not in kept  # it really died mid-run
+    (broken / "checkpoints" / ".step_000012.k9x").mkdir()  # what a save killed mid-write leaves
     resumed = train_subprocess(args + ["--out", str(broken)])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
+    assert not [name for name in os.listdir(broken / "checkpoints") if name.startswith(".")]
     assert_same_weights(full / "checkpoints" / "step_000060", broken / "checkpoints" / "step_000060")
     losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert losses(full)[-1] == losses(broken)[-1]
@@ -177,6 +192,13 @@ def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_pa
     resumed = run_cli("train", *args, *faster, "--max-steps", "8", "--out", run)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
+    # A longer run stretches the schedule: the learning rate jumps, and the run says so.
+    tc, _ = TrainConfig(preset="nano").resolved()  # the recipe SMALL trains with
+    now, before = (lr_at(4, dataclasses.replace(tc, max_steps=n)) for n in (8, 4))
+    assert (
+        f"--max-steps 8 (the checkpoint's run had 4): the schedule now spans 8 steps, so the learning rate at step 4 "
+        f"is {now:.3g} instead of {before:.3g}"
+    ) in resumed.stdout
     refused = run_cli("train", *args, "--set", "dense_hidden=16", "--max-steps", "12", "--out", run)
     assert refused.returncode == 2 and "different config" in refused.stderr
     # The optimizer's settings, the batch, the seed and the data are the run's too (its optimizer state and
@@ -248,6 +270,7 @@ def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
         (["--seq-len", "65"], "--seq-len 65 exceeds the model's context block_size=64"),
         (["--set", "vocab_size=300"], "512-token vocabulary but the model has vocab_size=300"),
         (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--parallel", "fsdp"], "--parallel fsdp runs under torchrun: launch with `torchrun --nproc_per_node=N"),
         (
             ["--set", "moe_experts=4", "--set", "moe_top_k=1", "--set", "ffn_schedule=constant"],
             "moe_top_k=1 with moe_norm_topk=true gives every token a gate of exactly 1",

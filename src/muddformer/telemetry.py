@@ -1,9 +1,10 @@
 """Training telemetry: dense-weight statistics per layer and stream, gradient norms per parameter group,
 and loss-spike / weight blow-up reports that name the layer and the option that would help.
 
-Cheap enough to leave on: the statistics are read from the forward pass of one micro-batch at each
-log step (eager runs; a compiled model records none), and the gradient norms are one pass over the
-gradients at those steps.
+Cheap enough to leave on: the dense-weight statistics are read from the forward pass of the first
+micro-batch on the first rank at each log step (eager runs; a compiled model records none), the
+experts' load and router loss are averaged over all the step's forwards and ranks, and the gradient
+norms are one pass over the gradients at those steps.
 """
 
 from __future__ import annotations
@@ -46,17 +47,41 @@ def group_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return out
 
 
-def expert_load(model) -> dict[str, float]:
-    """`moe/{layer}/load/{expert}`: each routed expert's share of the last forward's assignments times the
-    number of experts (1 = balanced), and `moe/{layer}/max_load`, the busiest expert's."""
-    out: dict[str, float] = {}
-    for layer, block in enumerate(model.layers):
-        load = getattr(block.feed_forward, "load", None)
-        if load is not None:
-            scaled = (load * load.numel()).tolist()
+class ExpertTally:
+    """The router loss and each mixture-of-experts layer's expert load over a log step's forwards (every
+    micro-batch, every rank): `moe/router_loss`, `moe/{layer}/load/{expert}` (an expert's share of the
+    assignments times the number of experts: 1 = balanced) and `moe/{layer}/max_load`, the busiest expert's."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None  # router loss, then each layer's shares, summed over forwards
+        self.layers: list[tuple[int, int]] = []  # (layer, experts)
+        self.forwards = 0
+
+    def add(self, model, router_loss: torch.Tensor) -> None:
+        """Count the last forward of `model` (a MuddModel), whose weighted router losses were `router_loss`."""
+        loads = [
+            (layer, b.feed_forward.load)
+            for layer, b in enumerate(model.layers)
+            if getattr(b.feed_forward, "load", None) is not None
+        ]
+        flat = torch.cat([router_loss.detach().float().reshape(1), *(load.float() for _, load in loads)])
+        self.layers = [(layer, load.numel()) for layer, load in loads]
+        self.sums = flat if self.sums is None else self.sums + flat
+        self.forwards += 1
+
+    def read(self, mean_over_ranks=lambda t: t) -> dict[str, float]:
+        """The means over the counted forwards, then over the ranks (`mean_over_ranks`, a collective: every rank
+        must call it); {} when nothing was counted."""
+        if self.sums is None:
+            return {}
+        values = mean_over_ranks(self.sums / self.forwards).tolist()
+        out, at = {"moe/router_loss": values[0]}, 1
+        for layer, experts in self.layers:
+            scaled = [share * experts for share in values[at : at + experts]]
+            at += experts
             out.update({f"moe/{layer}/load/{e}": share for e, share in enumerate(scaled)})
             out[f"moe/{layer}/max_load"] = max(scaled)
-    return out
+        return out
 
 
 class SpikeWatch:

@@ -33,6 +33,7 @@ from muddformer.data.tokenizers import export_tokenizer
 from muddformer.errors import CheckpointError
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
+UNFINISHED_RE = re.compile(r"^\.step_\d{6,}\.")  # atomic_dir's temporary folder of a checkpoint
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 
@@ -47,6 +48,15 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), root / name) for name in os.listdir(root) if (m := STEP_RE.match(name))]
     return sorted(found)
+
+
+def remove_unfinished(root: Path) -> None:
+    """Remove the temporary folders of checkpoints whose writer was killed (kill -9 skips atomic_dir's cleanup).
+    Only the holder of the run folder's lock may call it: another writer's save would be in progress."""
+    if root.is_dir():
+        for name in os.listdir(root):
+            if UNFINISHED_RE.match(name):
+                shutil.rmtree(root / name, ignore_errors=True)
 
 
 def rng_state() -> dict:

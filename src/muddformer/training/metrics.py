@@ -65,7 +65,8 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step or None)
+                # Events past the start are from a run that stopped before its checkpoint: dropped (step 0 too).
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
             except ImportError:
                 print("tensorboard is not installed: TensorBoard events are skipped", file=sys.stderr)
 

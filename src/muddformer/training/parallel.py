@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from muddformer.errors import ConfigError
 from muddformer.model import MuddModel
 
 
@@ -34,8 +36,14 @@ class DistInfo:
         return self.world > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group that torchrun describes (WORLD_SIZE etc.); a single process otherwise."""
+def init_distributed(device: str = "auto", parallel: str = "none") -> DistInfo:
+    """Join the process group that torchrun describes (WORLD_SIZE etc.); a single process otherwise. FSDP2
+    shards over a process group even on one rank, so it needs torchrun's description of one."""
+    if parallel == "fsdp" and "RANK" not in os.environ:
+        raise ConfigError(
+            "--parallel fsdp runs under torchrun: launch with `torchrun --nproc_per_node=N -m muddformer train ...` "
+            "(N=1 works), or train one process with --parallel none"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -46,7 +54,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device(device)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or parallel == "fsdp") and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
 
@@ -115,7 +123,9 @@ def parallelize(
             if mixed_precision
             else MixedPrecisionPolicy()
         )
+        # The mesh on the run's device: by default FSDP2 would take CUDA whenever there is one, --device cpu or not.
+        mesh = init_device_mesh(info.device.type, (info.world,))
         for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -35,8 +35,8 @@ from muddformer.data.tokenizers import load_tokenizer
 from muddformer.errors import CheckpointError, MuddError
 from muddformer.inference.generation import sample_generate
 from muddformer.model import MuddModel, copy_body_weights, count_parameters, next_token_loss
-from muddformer.telemetry import SpikeWatch, expert_load, group_grad_norms
-from muddformer.training.checkpointing import list_checkpoints, resume_latest, save_checkpoint
+from muddformer.telemetry import ExpertTally, SpikeWatch, group_grad_norms
+from muddformer.training.checkpointing import list_checkpoints, remove_unfinished, resume_latest, save_checkpoint
 from muddformer.training.config import TrainConfig, model_config, training_identity, validate
 from muddformer.training.metrics import RunLog, environment, flops_per_token, peak_flops, plot_losses
 from muddformer.training.parallel import DistInfo, all_reduce_mean, close_distributed, init_distributed, parallelize
@@ -72,7 +72,7 @@ def start_from(core: MuddModel, folder: str) -> None:
 
 def train(tc: TrainConfig) -> dict:
     """Run (or resume) training; returns the final metrics."""
-    info = init_distributed(tc.device)
+    info = init_distributed(tc.device, tc.parallel)
     try:
         tc, recipe = tc.resolved(info.world)
         cfg = model_config(tc)
@@ -129,10 +129,13 @@ class Trainer:
         fused = {"fused": True} if info.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(param_groups(self.core, recipe), lr=tc.lr, eps=tc.eps, **fused)
         self.identity = training_identity(tc, recipe, seq_len, info.world, data)
+        if info.is_main:  # it holds the run folder's lock (train)
+            remove_unfinished(self.ckpt_root)
         resumed = resume_latest(self.ckpt_root, self.model, self.optimizer, cfg, self.say, self.identity)
         self.start = resumed.step if resumed else 0
         if resumed:
             self.say(f"resuming from {resumed.folder} (step {self.start})")
+            self.say_if_schedule_changed(resumed.state.get("max_steps"))
         run_info = self.write_run_info() if info.is_main else {}
         self.log = RunLog(self.out, self.start, tc.tensorboard, enabled=info.is_main)
         if info.is_main and not resumed:
@@ -144,6 +147,18 @@ class Trainer:
         self.peak_flops = peak_flops(info.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.watch = SpikeWatch()
+
+    def say_if_schedule_changed(self, saved_max_steps: int | None) -> None:
+        """--max-steps may change on resume; the schedule then spans the new length, so the learning rate jumps
+        (up for a longer run): say by how much, from the checkpoint's max_steps (absent in older checkpoints)."""
+        if saved_max_steps is None or saved_max_steps == self.tc.max_steps:
+            return
+        before = lr_at(self.start, dataclasses.replace(self.tc, max_steps=saved_max_steps))
+        self.say(
+            f"--max-steps {self.tc.max_steps} (the checkpoint's run had {saved_max_steps}): the schedule now spans "
+            f"{self.tc.max_steps} steps, so the learning rate at step {self.start} is {lr_at(self.start, self.tc):.3g} "
+            f"instead of {before:.3g}"
+        )
 
     def write_run_info(self) -> dict:
         """run.json (everything that decides the run, and the environment) and the model's config.json."""
@@ -180,6 +195,7 @@ class Trainer:
             group["lr"] = lr * group["lr_mult"]
         loss_sum = torch.zeros((), device=info.device)
         dense_stats: dict = {}
+        experts = ExpertTally()
         for micro in range(tc.grad_accum):
             # Dense-weight statistics come from the first micro-batch of a log step.
             core.connection.telemetry = {} if logging and tc.telemetry and micro == 0 else None
@@ -203,9 +219,10 @@ class Trainer:
             loss_sum += loss.detach()
             if micro == 0:
                 dense_stats = core.connection.telemetry or {}
-                if logging and out.aux_loss is not None:
-                    dense_stats = {**dense_stats, "moe/router_loss": out.aux_loss.item(), **expert_load(core)}
+            if logging and out.aux_loss is not None:
+                experts.add(core, out.aux_loss)
         core.connection.telemetry = None
+        dense_stats.update(experts.read(lambda t: all_reduce_mean(t, info)))
         group_norms = group_grad_norms(self.optimizer) if logging and tc.telemetry else {}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):
@@ -241,7 +258,7 @@ class Trainer:
         tc = self.tc
         position = {"step": done, "micro_batches_per_step": tc.grad_accum}
         meta = {"seed": tc.seed, "tokens": done * self.tokens_per_step, "data_position": position}
-        meta["training"] = self.identity
+        meta["training"], meta["max_steps"] = self.identity, tc.max_steps
         save_checkpoint(
             self.ckpt_root,
             done,
