@@ -153,11 +153,20 @@ def test_every_preset_round_trips_through_json(name):
         (dict(n_layer="4"), "n_layer must be int"),
         (dict(use_qk_norm=1), "use_qk_norm must be bool"),
         (dict(eos_token_id=9000, vocab_size=8192), "eos_token_id=9000"),
+        (dict(eos_token_id=[2, 9000], vocab_size=8192), "eos_token_id=9000"),
+        (dict(eos_token_id=[]), "eos_token_id must be an id or a non-empty list of ids, got []"),
+        (dict(eos_token_id=[2, "x"]), "eos_token_id must be an id or a non-empty list of ids"),
     ],
 )
 def test_impossible_configs_name_the_field(kwargs, field):
-    with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace("+", r"\+")):
+    with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace("+", r"\+").replace("[", r"\[")):
         MuddConfig(**kwargs)
+
+
+def test_several_end_of_text_ids():
+    cfg = MuddConfig.from_preset("nano", eos_token_id=[2, 7])
+    assert MuddConfig.from_json(cfg.to_json()) == cfg and cfg.eos_ids == [2, 7]
+    assert MuddConfig.from_preset("nano", eos_token_id=3).eos_ids == [3] and MuddConfig().eos_ids == []
 
 
 def test_unknown_field_and_preset_are_refused():

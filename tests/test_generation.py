@@ -106,6 +106,33 @@ def test_eos_finishes_rows_and_streaming_sees_every_token():
     assert len(streamed) == out.shape[1] - 4
 
 
+def test_a_put_streamer_gets_the_prompt_then_each_token_as_from_transformers_generate():
+    from transformers import GenerationConfig, TextStreamer
+
+    class Recording(TextStreamer):  # transformers' own streamer class, its puts recorded
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    model = model_for()
+    ids = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(3))
+    ours, theirs = Recording(), Recording()
+    out = generate(model, ids, 5, streamer=ours)
+    hf = MuddForCausalLM(model.config, model=model).eval()
+    hf.generate(ids, generation_config=GenerationConfig(max_new_tokens=5, do_sample=False), streamer=theirs)
+    assert ours.puts == theirs.puts == [ids.tolist()] + [[t] for t in out[0, 4:].tolist()]
+    assert ours.ended and theirs.ended
+    with pytest.raises(
+        InputError, match="a put\\(\\)/end\\(\\) streamer such as transformers' TextStreamer takes one row, got 2"
+    ):
+        generate(model, torch.cat([ids, ids]), 5, streamer=Recording())
+
+
 def test_generation_refusals():
     model = model_for()
     ids = torch.ones(1, 20, dtype=torch.long)
@@ -117,6 +144,10 @@ def test_generation_refusals():
         generate(model, ids, 2, do_sample=True, top_p=1.5)
     with pytest.raises(InputError, match="cache must be"):
         generate(model, ids, 2, cache="paged")
+    right_padded = torch.ones(2, 6, dtype=torch.long)
+    right_padded[1, 4:] = 0
+    with pytest.raises(InputError, match="attention_mask has padding at the end of a row; .* pad on the left"):
+        generate(model, torch.ones(2, 6, dtype=torch.long), 2, attention_mask=right_padded)
     with pytest.raises(InputError, match=r"compile=True compiles the static cache's decode step; pass cache='static'"):
         generate(model, ids, 2, compile=True)
 

@@ -52,6 +52,51 @@ def test_auto_classes_round_trip_our_folder(model_dir):
     assert torch.allclose(out.loss, next_token_loss(out.logits[:, :-1], ids[:, 1:]))
 
 
+def test_transformers_trainer_with_gradient_accumulation_takes_the_step_of_the_whole_batch(model_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+
+    def one_step(batch_size, accumulate):
+        model = MuddForCausalLM.from_pretrained(model_dir)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"t{accumulate}"),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulate,
+            max_steps=1,
+            learning_rate=1.0,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+        )
+        Trainer(model=model, args=args, train_dataset=rows).train()
+        return model.model.tok_embeddings.weight.detach()
+
+    start = MuddForCausalLM.from_pretrained(model_dir).model.tok_embeddings.weight.detach()
+    whole, accumulated = one_step(2, 1) - start, one_step(1, 2) - start
+    assert whole.abs().max() > 1e-3
+    torch.testing.assert_close(accumulated, whole, atol=1e-6, rtol=1e-4)  # not 2x: the loss is divided by 2
+
+
+def test_save_pretrained_keeps_edited_token_ids_and_refuses_other_config_edits(model_dir, tmp_path):
+    model = MuddForCausalLM.from_pretrained(model_dir)
+    model.config.eos_token_id = 7  # the transformers way to change what ends a text
+    model.save_pretrained(tmp_path / "a")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert again.model.config.eos_token_id == again.generation_config.eos_token_id == 7
+    again.generation_config.eos_token_id = [7, 8]  # the generation config's edit comes first
+    again.save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["eos_token_id"] == [7, 8]
+    assert MuddForCausalLM.from_pretrained(tmp_path / "b").generation_config.eos_token_id == [7, 8]
+    again.config.n_layer = 5
+    with pytest.raises(InputError, match="model.config.n_layer was changed to 5 but the model was built with 2"):
+        again.save_pretrained(tmp_path / "c")
+
+
 def left_padded_batch(model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
@@ -223,8 +268,11 @@ def test_eval_perplexity_equals_the_direct_loss(model_dir, tmp_path, run_cli):
     text = bundled_split("val")[0][:200]
     path = tmp_path / "short.txt"
     path.write_text(text)
-    ids = load_tokenizer(model_dir / "tokenizer.json").encode(text).ids
+    encoding = load_tokenizer(model_dir / "tokenizer.json").encode(text)
+    ids, first = encoding.ids, text[: encoding.offsets[0][1]]
     assert len(ids) <= 128  # one window: the perplexity is the plain mean loss
+    scored_bytes = len(text.encode()) - len(first.encode())  # the first token is not scored: nor are its bytes
+    assert first and text.startswith(first)
     model = MuddForCausalLM.from_pretrained(model_dir).model
     with torch.no_grad():
         x = torch.tensor([ids])
@@ -233,11 +281,9 @@ def test_eval_perplexity_equals_the_direct_loss(model_dir, tmp_path, run_cli):
     proc = run_cli("eval", model_dir, "--ppl", path, "--output", out)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())["perplexity"]
-    assert report["tokens"] == len(ids) - 1 and report["bytes"] == len(text.encode())
+    assert report["tokens"] == len(ids) - 1 and report["bytes"] == scored_bytes
     assert report["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
-    assert report["bits_per_byte"] == pytest.approx(
-        loss * (len(ids) - 1) / (len(text.encode()) * math.log(2)), rel=1e-5
-    )
+    assert report["bits_per_byte"] == pytest.approx(loss * (len(ids) - 1) / (scored_bytes * math.log(2)), rel=1e-5)
     assert f"perplexity {math.exp(loss):.3f}" in proc.stdout
 
 
@@ -288,3 +334,18 @@ def test_lm_eval_refusals(model_dir, tmp_path, run_cli):
     assert_one_line_error(
         run_cli("eval", model_dir, "--tasks", LOCAL_TASK, "--include-path", tmp_path / "nope"), "--include-path"
     )
+
+
+def test_lm_eval_tokenizer_takes_the_special_tokens_of_tokenizer_config(tmp_path):
+    from tokenizers import Tokenizer, models, trainers
+
+    from muddformer.evaluation.harness import hf_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.train_from_iterator(["to be or not to be"] * 20, trainers.BpeTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))  # a Llama-like vocabulary: no <|endoftext|>
+    with pytest.raises(InputError, match="names no end-of-text token; add eos_token to a tokenizer_config.json"):
+        hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    loaded = hf_tokenizer(tmp_path)
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (1, 2, 2)

@@ -97,6 +97,29 @@ def test_mudd_convert_writes_a_folder_that_loads_with_the_same_logits(checkpoint
         torch.testing.assert_close(model(tokens()).logits, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def test_convert_keeps_the_stored_dtype_and_every_end_of_text_id(tmp_path, capsys):
+    from muddformer import MuddForCausalLM
+    from muddformer.adapters.folders import load_model, read_tensors
+    from muddformer.cli import main
+
+    torch.manual_seed(0)
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(**SIZE, max_position_embeddings=64, eos_token_id=[2, 7]))
+    llama.to(torch.bfloat16).save_pretrained(tmp_path / "llama")
+    generation = tmp_path / "llama" / "generation_config.json"
+    settings = json.loads(generation.read_text())
+    assert settings["eos_token_id"] == [2, 7]  # what transformers wrote from the config
+    generation.write_text(json.dumps({**settings, "eos_token_id": [2, 9]}))  # transformers' generate reads this one
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "ours")]) == 0
+    assert load_model(str(tmp_path / "ours")).config.eos_token_id == [2, 9]
+    assert {t.dtype for t in read_tensors(str(tmp_path / "ours")).values()} == {torch.bfloat16}
+    assert MuddForCausalLM.from_pretrained(tmp_path / "ours").generation_config.eos_token_id == [2, 9]
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    assert {t.dtype for t in read_tensors(str(tmp_path / "f32")).values()} == {torch.float32}
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "attnres"), "--connection", "attnres"]) == 0
+    assert "note: AttnRes starts as a mean of its sources" in capsys.readouterr().out
+
+
 def test_training_starts_from_a_converted_checkpoint(play_data, tmp_path):
     # `mudd convert` a Llama, then `mudd train --init-from` it with MUDD added, at a learning rate of 1e-30: the
     # checkpoint holds the Llama's weights unchanged and a connection still at the identity, so it computes

@@ -134,7 +134,7 @@ class MuddConfig:
     init_method: str = "normal"  # "normal": N(0, init_std); "xavier": Xavier normal (paper scaling runs)
     init_std: float = 0.02
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # a list: any of them ends the text (e.g. Llama-3-Instruct's)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -241,10 +241,22 @@ class MuddConfig:
                     f"layer {layer} "
                     "an FFN width of 0; raise intermediate_size above 128 or use ffn_schedule='constant'"
                 )
-        for name in ("bos_token_id", "eos_token_id"):
-            tok = getattr(self, name)
-            if tok is not None and not 0 <= tok < self.vocab_size:
-                raise ConfigError(f"MuddConfig.{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
+        if isinstance(self.eos_token_id, list) and not (
+            self.eos_token_id and all(isinstance(t, int) and not isinstance(t, bool) for t in self.eos_token_id)
+        ):
+            raise ConfigError(
+                f"MuddConfig.eos_token_id must be an id or a non-empty list of ids, got {self.eos_token_id}"
+            )
+        for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", self.eos_ids)):
+            for tok in ids:
+                if tok is not None and not 0 <= tok < self.vocab_size:
+                    raise ConfigError(f"MuddConfig.{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """The end-of-text ids ([] when none is known)."""
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     @property
     def dense_layer_set(self) -> set[int] | None:
@@ -364,7 +376,7 @@ class MuddConfig:
 
 def _allowed_types(hint: Any) -> tuple[type, ...]:
     args = typing.get_args(hint)
-    return tuple(a for a in args) if args else (hint,)
+    return tuple(typing.get_origin(a) or a for a in args) if args else (hint,)  # list[int] -> list
 
 
 __all__ = ["MuddConfig", "find_multiple", "BLOCKS", "CONNECTIONS"]

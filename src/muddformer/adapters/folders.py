@@ -35,6 +35,7 @@ from muddformer.model import MuddModel
 from muddformer.presets import PRESETS, RENAMED
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"  # transformers' generate settings, its end-of-text ids first
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 FORMAT_VERSION = 1
@@ -77,7 +78,12 @@ def read_folder_raw_config(folder: str) -> dict:
         raise CheckpointError(f"model folder {folder} does not exist")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}; it is not a model folder")
-    return _read_json(path, "config")
+    raw = _read_json(path, "config")
+    generation = os.path.join(folder, GENERATION_CONFIG_NAME)
+    if os.path.isfile(generation):  # transformers' generate stops at these ids, not config.json's
+        token_ids = _read_json(generation, "generation config")
+        raw.update({k: token_ids[k] for k in ("bos_token_id", "eos_token_id") if token_ids.get(k) is not None})
+    return raw
 
 
 def config_from_raw(raw: dict) -> MuddConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
+    GenerationConfig,
     GenerationMixin,
     PreTrainedConfig,
     PreTrainedModel,
@@ -27,7 +29,8 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from muddformer.adapters.folders import DEFAULT_SHARD_SIZE, load_model, save_model
+from muddformer._utils import write_json_atomic
+from muddformer.adapters.folders import DEFAULT_SHARD_SIZE, GENERATION_CONFIG_NAME, load_model, save_model
 from muddformer.adapters.published import config_from_published, is_published
 from muddformer.compat import LOCK_HINT
 from muddformer.config import MuddConfig
@@ -106,6 +109,9 @@ class MuddForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _supports_cache_class = True
+    # The loss is each micro-batch's mean: transformers' Trainer must divide it by the gradient-accumulation steps
+    # itself (it would not for a forward that takes **kwargs and so seems to read `num_items_in_batch`).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MuddHFConfig | MuddConfig, model: MuddModel | None = None):
         if isinstance(config, MuddConfig):
@@ -211,7 +217,10 @@ class MuddForCausalLM(PreTrainedModel, GenerationMixin):
         core = load_model(
             os.fspath(folder), dtype=dtype if dtype is not None else torch_dtype, device=device, **config_overrides
         )
-        return cls(MuddHFConfig.from_mudd(core.config), model=core).eval()
+        model = cls(MuddHFConfig.from_mudd(core.config), model=core).eval()
+        if os.path.isfile(os.path.join(folder, GENERATION_CONFIG_NAME)):
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        return model
 
     def save_pretrained(
         self,
@@ -222,10 +231,36 @@ class MuddForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Write our format (config + safetensors, sharded above max_shard_size), or the published layout."""
+        """Write our format (config + safetensors, sharded above max_shard_size), or the published layout, and
+        generation_config.json. End-of-text and start ids set on `model.generation_config` or `model.config` (the
+        transformers way) are saved, the generation config's first; another change to `model.config` is refused:
+        the weights were built for the model's own config."""
+        core, hf = self.model.config, self.mudd_config_edits()
+        ids = {}
+        for name in ("bos_token_id", "eos_token_id"):
+            edited = [getattr(c, name) for c in (self.generation_config, self.config) if getattr(c, name) is not None]
+            ids[name] = next((v for v in edited if v != getattr(core, name)), getattr(core, name))
+        changed = [k for k, v in hf.items() if k not in ids and v != getattr(core, k)]
+        if changed:
+            raise InputError(
+                f"model.config.{changed[0]} was changed to {hf[changed[0]]!r} but the model was built with "
+                f"{getattr(core, changed[0])!r}; build a new model (MuddForCausalLM(config)) for another architecture"
+            )
+        self.model.config = core.replace(**ids)
+        for name, value in ids.items():
+            setattr(self.config, name, value)
+            setattr(self.generation_config, name, value)
         save_model(
             self.model, os.fspath(folder), published_format=published_format, max_shard_size=max_shard_size, dtype=dtype
         )
+        write_json_atomic(
+            os.path.join(folder, GENERATION_CONFIG_NAME),
+            json.loads(self.generation_config.to_json_string(use_diff=True)),
+        )
+
+    def mudd_config_edits(self) -> dict[str, Any]:
+        """The MuddConfig fields as `model.config` holds them now."""
+        return {k: getattr(self.config, k) for k in MuddConfig.__dataclass_fields__ if hasattr(self.config, k)}
 
 
 class MuddPythiaForCausalLM(MuddForCausalLM):

@@ -2,7 +2,8 @@
 
 A local folder with config.json and safetensors becomes a residual model of ours that computes the same
 function; with another connection (`mudd`, sparse options, a rival) the body weights are the same and the
-connection starts at its identity, so the converted model still computes exactly the original at the start.
+connection starts at its identity, so the converted model still computes exactly the original at the start
+(AttnRes excepted: it starts as the mean of its sources, the residual model only up to the norms' eps).
 Anything the model family cannot express is refused with a message naming it.
 """
 
@@ -129,10 +130,17 @@ def config_from_transformers(raw: dict, **overrides: Any) -> MuddConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         rotary_pct=0.25 if family == "gpt_neox" else 1.0,  # transformers' defaults where config.json is silent
         bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=raw.get("eos_token_id") if isinstance(raw.get("eos_token_id"), int) else None,
+        eos_token_id=end_ids(raw.get("eos_token_id")),
     )
     fields.update(_rope(raw), **_windows(raw))
     return MuddConfig(**{**fields, **overrides})
+
+
+def end_ids(eos: Any) -> int | list[int] | None:
+    """A config's eos_token_id as ours: an id, a list of them (one id alone as itself), or None."""
+    if isinstance(eos, list):
+        return eos[0] if len(eos) == 1 else (eos or None)
+    return eos
 
 
 def state_from_transformers(family: str, tensors: dict[str, torch.Tensor], cfg: MuddConfig) -> dict[str, torch.Tensor]:

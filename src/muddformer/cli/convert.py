@@ -8,7 +8,7 @@ import glob
 import os
 import shutil
 
-from muddformer.adapters.folders import load_model, read_folder_raw_config, save_model
+from muddformer.adapters.folders import GENERATION_CONFIG_NAME, load_model, read_folder_raw_config, save_model
 from muddformer.adapters.transformers_checkpoints import (
     FAMILIES,
     is_transformers_checkpoint,
@@ -20,7 +20,14 @@ from muddformer.errors import InputError
 from muddformer.options import DTYPES
 from muddformer.training.config import parse_set
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+# Files that travel with the weights: the tokenizer's, and the generation settings (their end-of-text ids included).
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    GENERATION_CONFIG_NAME,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=CONNECTIONS,
         default=None,
         help="transformers checkpoints: the connection to add (default residual); it starts at the identity, "
-        "so the converted model computes the original's logits",
+        "so the converted model computes the original's logits (AttnRes excepted: it starts as a mean of its sources)",
     )
     p.add_argument(
         "--set",
@@ -71,9 +78,16 @@ def run(args: argparse.Namespace) -> int:
                 "(or convert the result again)"
             )
         model = load_transformers_model(args.src, **overrides)
-        save_model(model, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype)
-        copy_tokenizer_files(args.src, args.dst)
+        stored = raw.get("dtype") or raw.get("torch_dtype")  # transformers names it `dtype` since 5.0
+        dtype = args.dtype or (stored if stored in DTYPES else None)
+        save_model(model, args.dst, max_shard_size=args.max_shard_size, dtype=dtype)
+        copy_side_files(args.src, args.dst)
         print(f"wrote {args.dst} ({raw['model_type']} -> muddformer, connection {model.config.connection})")
+        if model.config.connection in ("attnres", "attnres-block"):
+            print(
+                "note: AttnRes starts as a mean of its sources, so the converted model does not compute the "
+                "original's logits until it is trained"
+            )
         return 0
     if overrides:
         raise InputError("--connection and --set apply to transformers checkpoints; this folder is a MUDD model")
@@ -90,13 +104,14 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
         )
         fmt = "published" if args.published_format else "muddformer"
-    copy_tokenizer_files(args.src, args.dst)
+    copy_side_files(args.src, args.dst)
     print(f"wrote {args.dst} ({fmt} format)")
     return 0
 
 
-def copy_tokenizer_files(src: str, dst: str) -> None:
-    """The tokenizer files beside the weights, so that the new folder tokenizes as the original did."""
-    for name in TOKENIZER_FILES:
+def copy_side_files(src: str, dst: str) -> None:
+    """The tokenizer and generation files beside the weights, so that the new folder tokenizes and stops as the
+    original did."""
+    for name in SIDE_FILES:
         for path in glob.glob(os.path.join(src, name)):
             shutil.copy(path, dst)

@@ -114,11 +114,20 @@ def local_tasks_dir(root: str | os.PathLike | None = None) -> Path:
 
 
 def hf_tokenizer(folder: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
-    """A transformers fast tokenizer from a folder's tokenizer.json (or the given file)."""
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file(folder, tokenizer)))
-    eot = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
-    if eot is not None:
+    """A transformers fast tokenizer from a folder's tokenizer.json (or the given file), with the special tokens its
+    tokenizer_config.json names (a converted Llama's <s> and </s>), else <|endoftext|> as start and end."""
+    path = tokenizer_file(folder, tokenizer)
+    if path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent))
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if tok.eos_token is None and "<|endoftext|>" in tok.get_vocab():
         tok.eos_token = tok.bos_token = "<|endoftext|>"
+    if tok.eos_token is None:  # lm-eval starts and ends texts with it
+        raise InputError(
+            f"tokenizer {path} names no end-of-text token; add eos_token to a tokenizer_config.json beside it "
+            "(as transformers writes one)"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     return tok

@@ -48,7 +48,8 @@ def perplexity(
     stride: int | None = None,
     progress: bool = False,
 ) -> Perplexity:
-    """Score every token after the first exactly once, each with up to `window` tokens of context.
+    """Score every token after the first exactly once, each with up to `window` tokens of context;
+    `n_bytes` is the length of the text those tokens cover (for bits per byte).
 
     Windows of `window` tokens (default: the context length) advance by `stride` (default window/2);
     each window scores only the tokens not scored by the previous one, so most tokens see at least
@@ -93,5 +94,7 @@ def text_perplexity(
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise InputError(f"text file {path} is empty")
-    ids = tokenizer.encode(text).ids
-    return perplexity(model, ids, len(text.encode("utf-8")), window, stride, progress)
+    encoding = tokenizer.encode(text)
+    # Bits per byte over what is scored: the first token has no context, so its bytes are left out too.
+    scored_text = text[encoding.offsets[0][1] :] if encoding.ids else text
+    return perplexity(model, encoding.ids, len(scored_text.encode("utf-8")), window, stride, progress)

@@ -61,12 +61,27 @@ def choose(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | N
 
 
 def _emit(streamer: Any, ids: torch.Tensor) -> None:
+    """Hand one step's ids (B,) on; transformers' BaseStreamer (put/end) gets them as its generate does, after the
+    prompt (`start_stream`)."""
     if streamer is None:
         return
-    if hasattr(streamer, "put"):  # transformers' BaseStreamer protocol
+    if hasattr(streamer, "put"):
         streamer.put(ids.cpu())
     else:
         streamer(ids)
+
+
+def start_stream(streamer: Any, input_ids: torch.Tensor) -> None:
+    """A put()/end() streamer takes the prompt first (TextStreamer(skip_prompt=True) drops that first put) and,
+    as with transformers' generate, one row only: its steps' ids would read as one text."""
+    if streamer is None or not hasattr(streamer, "put"):
+        return
+    if input_ids.shape[0] != 1:
+        raise InputError(
+            f"a put()/end() streamer such as transformers' TextStreamer takes one row, got {input_ids.shape[0]}; "
+            "generate one prompt at a time, or pass a callable streamer, which gets each step's ids (batch,)"
+        )
+    streamer.put(input_ids.cpu())
 
 
 @torch.no_grad()
@@ -96,7 +111,8 @@ def generate(
     distribution and `seed` (or `generator`) makes it reproducible. A row that emits an EOS id is
     finished and gets pad_token_id (default: the first EOS id) after it; generation stops once all
     rows are. `streamer` receives each step's new ids (B,): a callable, or an object with
-    put()/end() such as transformers' TextStreamer. cache="static" preallocates the KV cache;
+    put()/end() such as transformers' TextStreamer (one row; it gets the prompt first, as from
+    transformers' generate). cache="static" preallocates the KV cache;
     with compile=True its decode step is compiled once with torch.compile.
     """
     if max_new_tokens < 0:
@@ -120,6 +136,12 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    elif not bool(attention_mask[:, -1].all()):  # each row continues from its last position: a pad there is read
+        raise InputError(
+            "attention_mask has padding at the end of a row; generation continues from each row's last position, "
+            "so pad on the left (a transformers tokenizer: padding_side='left')"
+        )
+    start_stream(streamer, input_ids)
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
     cfg = model.config
@@ -184,7 +206,7 @@ def _decode_step(model: MuddModel, compile: bool) -> Callable:
 
 
 def greedy_generate(
-    model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
+    model: MuddModel, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None
 ) -> torch.Tensor:
     """Prompt + up to max_new_tokens greedy ids (KV-cached)."""
     return generate(model, input_ids, max_new_tokens, eos_token_id=eos_token_id)
