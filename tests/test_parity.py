@@ -164,7 +164,7 @@ def test_our_format_round_trip_is_bit_identical(fixtures_dir, name, shard, tmp_p
     model.save_pretrained(tmp_path, **kwargs)
     files = sorted(p.name for p in tmp_path.iterdir())
     if shard is None:
-        assert files == ["config.json", "model.safetensors"]
+        assert files == ["config.json", "generation_config.json", "model.safetensors"]
     else:
         assert "model.safetensors.index.json" in files and len(files) > 3
     again = MuddForCausalLM.from_pretrained(tmp_path)
@@ -180,5 +180,5 @@ def test_resave_replaces_stale_shards(fixtures_dir, tmp_path):
     model = MuddForCausalLM.from_pretrained(fixtures_dir / "mf_tiny")
     model.save_pretrained(tmp_path, max_shard_size=60_000)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert MuddForCausalLM.from_pretrained(tmp_path).mudd_config == model.mudd_config
