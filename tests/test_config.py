@@ -201,3 +201,11 @@ def test_published_export_refuses_what_the_reference_cannot_compute():
         config_to_published(MuddConfig(ffn_schedule="constant"))
     with pytest.raises(ConfigError, match="model_type 'llama'"):
         config_from_published({"model_type": "llama"})
+
+
+def test_replace_derives_again_what_was_not_set():
+    wider = MuddConfig.from_preset("tiny").replace(dim=1024, n_head=16)
+    assert wider == MuddConfig.from_preset("tiny", dim=1024, n_head=16)  # as a new config would be
+    assert (wider.n_kv_head, wider.intermediate_size) == (16, 2816)  # not tiny's 4 key/value heads, FFN 768
+    grouped = MuddConfig.from_preset("tiny", n_kv_head=2).replace(n_head=8, dim=512)
+    assert grouped.n_kv_head == 2  # a field that was set stays set

@@ -138,6 +138,9 @@ class MuddConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        # The derived fields left unset follow their inputs: replace() derives them again (a wider dim gets its own
+        # FFN width, more heads their own key/value heads), as a new config would.
+        self._derived = tuple(name for name in DERIVED_FIELDS if getattr(self, name) is None)
         self._fill_defaults()
         self._validate()
 
@@ -359,8 +362,9 @@ class MuddConfig:
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
     def replace(self, **changes: Any) -> "MuddConfig":
-        """A copy with some fields changed (validated like a new config)."""
-        return self.from_dict({**self.to_dict(), **changes})
+        """A copy with some fields changed (validated like a new config); the derived fields that were not set
+        (DERIVED_FIELDS) are derived again from the new values."""
+        return self.from_dict({**self.to_dict(), **dict.fromkeys(self._derived), **changes})
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MuddConfig":
