@@ -14,14 +14,18 @@ from muddformer.training.schedule import lr_at
 
 def test_every_preset_names_a_recipe_and_the_paper_values_are_table_2s():
     assert set(PRESET_RECIPES) == set(PRESETS) and set(PRESET_RECIPES.values()) <= set(RECIPES)
-    for size, lr in (
-        ("405m", 3e-4),
-        ("834m", 2.5e-4),
-        ("1.4b", 2e-4),
-        ("deepnarrow-797m", 2.5e-4),
-        ("deepnarrow-1.34b", 2e-4),
+    for size, lr, tokens in (
+        ("405m", 3e-4, 7e9),
+        ("834m", 2.5e-4, 15e9),
+        ("1.4b", 2e-4, 26e9),
+        ("deepnarrow-797m", 2.5e-4, 15e9),
+        ("deepnarrow-1.34b", 2e-4, 26e9),
+        ("moe-1.8b-a405m", 3e-4, 26e9),
     ):
         r = get_recipe(PRESET_RECIPES[f"muddformer-{size}"])
+        # Table 2's tokens in 256 x 2048-token steps (405M: the official configuration's 13,500 steps, 7.08B)
+        assert r.max_steps == (13_500 if size == "405m" else int(tokens / (256 * 2048)))
+        assert r.weight_decay_on == "all"  # the official JAX code's AdamW decays every parameter
         assert (
             r.lr,
             r.beta1,
@@ -39,6 +43,25 @@ def test_every_preset_names_a_recipe_and_the_paper_values_are_table_2s():
     assert m28.lr * m28.min_lr_ratio == pytest.approx(3.2e-6)
     assert get_recipe(PRESET_RECIPES["muddpythia-2.8b"]).lr == 1.6e-4
     assert PRESET_RECIPES["tiny"] == PRESET_RECIPES["tfm++-tiny"] == "cpu"
+    assert get_recipe("cpu").max_steps == 450 and get_recipe("pythia-1.4b").max_steps == 143_000
+
+
+def test_the_run_length_is_the_recipes_unless_given():
+    assert TrainConfig(preset="muddformer-405m").resolved()[0].max_steps == 13_500
+    assert TrainConfig(preset="muddformer-405m", max_steps=20).resolved()[0].max_steps == 20
+    assert TrainConfig(preset="tiny").resolved()[0].max_steps == 450
+
+
+@pytest.mark.parametrize("scope, vectors_decayed", [("matrices", False), ("all", True)])
+def test_weight_decay_on_matrices_or_on_every_parameter(scope, vectors_decayed):
+    model = build(connection="mudd", dense_norm="prepost")
+    groups = {g["name"]: g for g in param_groups(model, get_recipe("cpu").replace(weight_decay_on=scope))}
+    assert set(groups) == {"matrices", "vectors", "generator_matrices", "generator_vectors", "priors"}
+    assert groups["matrices"]["weight_decay"] == groups["generator_matrices"]["weight_decay"] == 0.1
+    for name in ("vectors", "generator_vectors", "priors"):
+        assert groups[name]["weight_decay"] == (0.1 if vectors_decayed else 0.0), name
+    with pytest.raises(ConfigError, match="--weight-decay-on must be one of matrices, all, got 'norms'"):
+        TrainConfig(weight_decay_on="norms").resolved()
 
 
 def test_overrides_replace_recipe_fields_and_the_rest_is_the_recipes():

@@ -183,8 +183,8 @@ PRESETS["pythia-tiny"] = dict(block="pythia", **_CPU["tiny"], **_TFMPP)
 def _recipe_of(preset: str) -> str:
     if "-speedrun-" in preset:  # the record's settings for the MUDD parameters on the size's own recipe
         return "paper-405m-speedrun" if preset.endswith("-405m") else "cpu-speedrun"
-    if preset.endswith("-moe-1.8b-a405m"):  # the 405M model's compute per token
-        return "paper-405m"
+    if preset.endswith("-moe-1.8b-a405m"):  # the 405M model's compute per token, 26B tokens
+        return "paper-moe-1.8b-a405m"
     if preset in ("muddformer-2.8b", "tfm++-2.8b"):
         return "muddformer-2.8b"
     for size in ("1.4b", "2.8b"):

@@ -12,7 +12,7 @@ from muddformer.adapters.transformers_checkpoints import config_from_transformer
 from muddformer.config import CONNECTIONS, MuddConfig
 from muddformer.data.shards import TokenData
 from muddformer.errors import ConfigError, DataError
-from muddformer.options import PARALLELISMS, PRECISIONS, SCHEDULES, option
+from muddformer.options import DECAY_SCOPES, PARALLELISMS, PRECISIONS, SCHEDULES, option
 from muddformer.presets import PRESET_RECIPES
 from muddformer.training.recipes import (
     OVERRIDABLE,
@@ -39,7 +39,7 @@ class TrainConfig:
         None, help="prepared data folder (`mudd prepare`); default: the bundled Shakespeare corpus"
     )
     out: str | None = option(None, help="run folder (default runs/PRESET-CONNECTION); re-running resumes from it")
-    max_steps: int = option(450)
+    max_steps: int | None = option(None, help="optimizer steps (default: the recipe's; cpu: 450)")
     grad_accum: int | None = option(
         None, help="micro-batches per optimizer step (default: those that make the recipe's --global-batch, else 1)"
     )
@@ -55,7 +55,10 @@ class TrainConfig:
     beta1: float | None = option(None)
     beta2: float | None = option(None)
     eps: float | None = option(None, help="AdamW epsilon")
-    weight_decay: float | None = option(None, help="on matrices (norms, biases and static priors never)")
+    weight_decay: float | None = option(None, help="AdamW weight decay (on matrices, or see --weight-decay-on)")
+    weight_decay_on: str | None = option(
+        None, choices=DECAY_SCOPES, help="matrices, or all parameters (norm scales, biases, priors too)"
+    )
     grad_clip: float | None = option(None, help="global gradient-norm clip (0: off)")
     dtype: str | None = option(
         None, choices=PRECISIONS, help="compute dtype (bfloat16: autocast / FSDP mixed precision)"
@@ -163,9 +166,9 @@ def model_config(tc: TrainConfig) -> MuddConfig:
     return MuddConfig.from_preset(tc.preset, **overrides)
 
 
-# Recipe fields a resumed run may change: names, and how the batch is split and computed. The batch itself is in
+# Recipe fields a resumed run may change: names, how the batch is split and computed, the run length. The batch is in
 # training_identity as the sequences per optimizer step.
-NOT_IDENTITY = ("name", "follows", "batch_size", "global_batch", "seq_len", "dtype")
+NOT_IDENTITY = ("name", "follows", "batch_size", "global_batch", "seq_len", "dtype", "max_steps")
 
 
 def training_identity(tc: TrainConfig, recipe: Recipe, seq_len: int, world: int, data: TokenData) -> dict:

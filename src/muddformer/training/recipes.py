@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from muddformer.errors import ConfigError
-from muddformer.options import PRECISIONS, SCHEDULES
+from muddformer.options import DECAY_SCOPES, PRECISIONS, SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,14 @@ class Recipe:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1  # on matrices only
+    weight_decay: float = 0.1
+    weight_decay_on: str = "matrices"  # or "all": norm scales, biases and priors too (the official JAX code)
     grad_clip: float = 1.0  # global gradient norm; 0 = off
     batch_size: int = 8  # sequences per rank per micro-batch
     global_batch: int | None = None  # sequences per optimizer step over all ranks (sets gradient accumulation)
     seq_len: int | None = None  # None: min(256, block_size)
     dtype: str = "float32"  # compute dtype (bfloat16: autocast, or FSDP2 mixed precision)
+    max_steps: int = 450  # optimizer steps: the published run's length (warm-up and decay are shares of it)
     # The connection's own parameters (see the module docstring); None takes the body's value.
     generator_lr_mult: float = 1.0
     generator_beta1: float | None = None
@@ -60,7 +62,9 @@ class Recipe:
             fail("schedule", f"must be one of {', '.join(SCHEDULES)}")
         if self.dtype not in PRECISIONS:
             fail("dtype", f"must be one of {', '.join(PRECISIONS)}")
-        for field in ("lr", "eps", "batch_size", "generator_lr_mult"):
+        if self.weight_decay_on not in DECAY_SCOPES:
+            fail("weight_decay_on", f"must be one of {', '.join(DECAY_SCOPES)}")
+        for field in ("lr", "eps", "batch_size", "generator_lr_mult", "max_steps"):
             if not getattr(self, field) > 0:
                 fail(field, "must be positive")
         for field in ("warmup", "min_lr_ratio", "weight_decay", "grad_clip", "prior_lr_mult"):
@@ -88,23 +92,28 @@ _PAPER = (
     "the MUDD paper's recipe (docs/architecture.md §5): AdamW (0.9, 0.95), wd 0.1, clip 1.0, 1 % warm-up, "
     "cosine to 10 %"
 )
+_PYTHIA_STEPS = 143_000  # Pythia's run: 300B tokens in 2M-token batches (Table 3's models)
 RECIPES: dict[str, Recipe] = {
     # The paper's scaling runs: 0.5M-token batches of 2048-token sequences, bfloat16; each size's peak LR (Table 2).
     **{
         f"paper-{size}": Recipe(
             f"paper-{size}",
-            f"{_PAPER}, lr {lr:g}, batch 256 x 2048",
+            f"{_PAPER}, lr {lr:g}, batch 256 x 2048, {tokens}B tokens ({steps:,} steps); weight decay on every "
+            "parameter as in the official JAX code",
             lr=lr,
             seq_len=2048,
             global_batch=256,
             dtype="bfloat16",
+            max_steps=steps,
+            weight_decay_on="all",
         )
-        for size, lr in (
-            ("405m", 3e-4),
-            ("834m", 2.5e-4),
-            ("1.4b", 2e-4),
-            ("deepnarrow-797m", 2.5e-4),
-            ("deepnarrow-1.34b", 2e-4),
+        for size, lr, tokens, steps in (
+            ("405m", 3e-4, 7, 13_500),  # the official JAX configuration's step count
+            ("834m", 2.5e-4, 15, 28_610),  # the others: Table 2's tokens / 524,288 tokens a step
+            ("1.4b", 2e-4, 26, 49_591),
+            ("deepnarrow-797m", 2.5e-4, 15, 28_610),
+            ("deepnarrow-1.34b", 2e-4, 26, 49_591),
+            ("moe-1.8b-a405m", 3e-4, 26, 49_591),  # the 405M model's compute per token, 26B tokens (§6)
         )
     },
     # The released checkpoints (architecture §5): MUDDFormer-2.8B cosine from 3.2e-4 to 3.2e-6; MUDDPythia at
@@ -117,6 +126,7 @@ RECIPES: dict[str, Recipe] = {
         seq_len=2048,
         global_batch=1024,
         dtype="bfloat16",
+        max_steps=_PYTHIA_STEPS,
     ),
     "pythia-1.4b": Recipe(
         "pythia-1.4b",
@@ -125,6 +135,7 @@ RECIPES: dict[str, Recipe] = {
         seq_len=2048,
         global_batch=1024,
         dtype="bfloat16",
+        max_steps=_PYTHIA_STEPS,
     ),
     "pythia-2.8b": Recipe(
         "pythia-2.8b",
@@ -133,6 +144,7 @@ RECIPES: dict[str, Recipe] = {
         seq_len=2048,
         global_batch=1024,
         dtype="bfloat16",
+        max_steps=_PYTHIA_STEPS,
     ),
     # Small models on the CPU (8k vocabulary, float32): the paper's recipe at a peak LR for their size.
     "cpu": Recipe("cpu", f"{_PAPER}, at lr 3e-3 for 1-10M-parameter models", lr=3e-3),
@@ -178,6 +190,11 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
         "generator_vectors": dict(lr_mult=recipe.generator_lr_mult, weight_decay=0.0, betas=gen_betas),
         "priors": dict(lr_mult=recipe.prior_lr_mult, weight_decay=0.0, betas=gen_betas),
     }
+    if recipe.weight_decay_on == "all":  # the official JAX code's AdamW decays every parameter
+        for name in ("vectors", "generator_vectors", "priors"):
+            settings[name]["weight_decay"] = settings["matrices" if name == "vectors" else "generator_matrices"][
+                "weight_decay"
+            ]
     members: dict[str, list] = {name: [] for name in settings}
     for name, p in model.named_parameters():
         if not p.requires_grad:
