@@ -344,6 +344,13 @@ def test_report_from_the_small_files_alone(small_data, tmp_path, capsys):
         assert report[key] == full[key]
     assert report["runs"] == {"trained": 0, "skipped": 4}
 
+    metrics = kept / "runs" / "mudd" / "seed1" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[-1 if "val_loss" in records[-1] else -2]["val_loss"] = math.nan
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["compare", "--report", "--out", str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mudd/seed1 ended with validation loss nan; compare finite runs" in err
     (kept / "runs" / "mudd" / "seed1" / "metrics.jsonl").write_text("")
     assert main(["compare", "--report", "--out", str(kept)]) == 2
     err = capsys.readouterr().err
@@ -384,6 +391,26 @@ def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, caps
     assert summary["depth"]["difference"] == pytest.approx(gain_18 - summary["depth"]["gain_6"][0])
     mudd_row = next(line for line in printed.splitlines() if line.startswith("| mudd | "))
     assert " | 0.002 | " in mudd_row and "| 18 layers, dim 112 |" in printed  # its own LR; the depth row
+
+
+def test_evidence_report_tests_the_depth_gain_with_welchs_t_over_four_groups():
+    script = Path(__file__).parents[1] / "scripts" / "experiments" / "evidence_report.py"
+    difference_of_gains = runpy.run_path(str(script))["difference_of_gains"]
+    shallow = (-0.3, [(0.002, 5), (0.008, 5)])  # (gain, [(variance of the mean, seeds) of mudd, of residual])
+    deep = (-0.5, [(0.002, 5), (0.008, 5)])
+    test = difference_of_gains(shallow, deep)
+    assert test["difference"] == pytest.approx(-0.2) and test["se"] == pytest.approx(math.sqrt(0.02))
+    assert test["df"] == pytest.approx(0.02**2 / (2 * (0.002**2 + 0.008**2) / 4))  # 11.76, not a normal's infinity
+    assert test["p"] == pytest.approx(student_t_two_sided_p(-0.2 / math.sqrt(0.02), test["df"]))
+    assert test["p"] > math.erfc(0.2 / math.sqrt(0.02) / math.sqrt(2)) + 0.02  # wider than the normal's 0.157
+    assert difference_of_gains((-0.3, []), deep)["p"] is None  # one seed: no variance
+
+
+def test_non_finite_losses_give_no_test_and_no_multiplier():
+    assert welch_t_test([1.0, math.nan], [2.0, 2.5])["p"] is None
+    assert compute_multiplier([10, 20], [5.0, 4.0], math.nan, 20) == dict.fromkeys(
+        ("multiplier", "step", "lower_bound", "upper_bound")
+    )
 
 
 @pytest.mark.parametrize(

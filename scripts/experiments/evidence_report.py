@@ -7,7 +7,7 @@ runs finished so that the analysis is fixed in advance:
   DDFormer's own curve, so it is a bound when MUDD ends below DDFormer's last point);
 - the targets (p < 0.01 against residual, seed std at most 2x residual's, multiplier >= 1.5) as met or missed;
 - depth: MUDD's gain over residual at 6 and at 18 layers and the difference of the two gains, with its
-  standard error and a normal-approximation p.
+  standard error and Welch's t-test over the four groups (Welch-Satterthwaite degrees of freedom).
 
     python scripts/experiments/evidence_report.py [docs/results/evidence]     prints Markdown, writes summary.json
 """
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from muddformer.experiments.compare.report import format_multiplier, format_p
-from muddformer.experiments.compare.stats import compute_multiplier, difference_test
+from muddformer.experiments.compare.stats import compute_multiplier, difference_test, student_t_two_sided_p
 
 # The targets speak of Transformer++; the comparison's baseline is MUDD's own body with a residual stream.
 BASELINE_NOTE = (
@@ -51,7 +51,7 @@ def main_table(results: dict) -> list[str]:
         ratio = r["std"] / base["std"] if r["std"] and base["std"] else None
         rows.append(
             f"| {name} | {r['parameters']:,} | {lr_for.get(name, results['settings']['lr'])} | "
-            f"{r['mean']:.4f} ± {r['std']:.4f} ({len(r['final_val_loss'])}) | "
+            f"{r['mean']:.4f} ± {fmt(r['std'], '.4f')} ({len(r['final_val_loss'])}) | "
             f"{'—' if name == 'residual' else fmt(r['delta_vs_baseline'])} | {format_p(r['welch'])} | "
             f"{fmt(r['welch'] and r['welch']['d'], '+.2f')} | {format_multiplier(r['compute_multiplier'])} | "
             f"{fmt(ratio, '.2f')} |"
@@ -72,12 +72,28 @@ def versus(results: dict, a: str, b: str) -> dict:
     }
 
 
-def gain(results: dict) -> tuple[float, float]:
-    """MUDD's mean loss minus residual's and the standard error of that difference."""
+def gain(results: dict) -> tuple[float, list[tuple[float, int]]]:
+    """MUDD's mean loss minus residual's, and each group's (variance of its mean, seeds); [] below two seeds."""
     m, r = (results["connections"][n]["final_val_loss"] for n in ("mudd", "residual"))
-    return statistics.fmean(m) - statistics.fmean(r), math.sqrt(
-        statistics.variance(m) / len(m) + statistics.variance(r) / len(r)
-    )
+    parts = [(statistics.variance(x) / len(x), len(x)) for x in (m, r)] if min(len(m), len(r)) > 1 else []
+    return statistics.fmean(m) - statistics.fmean(r), parts
+
+
+def difference_of_gains(shallow: tuple, deep: tuple) -> dict:
+    """Gain at depth minus gain shallow: its standard error and Welch's t-test over the four groups (the
+    Welch-Satterthwaite degrees of freedom of a sum of four sample means' variances)."""
+    diff, parts = deep[0] - shallow[0], shallow[1] + deep[1]
+    if len(parts) < 4:
+        return {"difference": diff, "se": None, "t": None, "df": None, "p": None}
+    var = sum(v for v, _ in parts)
+    if var == 0:
+        return {"difference": diff, "se": 0.0, "t": None, "df": None, "p": None}
+    se, df = math.sqrt(var), var**2 / sum(v**2 / (n - 1) for v, n in parts)
+    return {"difference": diff, "se": se, "t": diff / se, "df": df, "p": student_t_two_sided_p(diff / se, df)}
+
+
+def gain_with_se(g: tuple) -> tuple[float, float | None]:
+    return g[0], math.sqrt(sum(v for v, _ in g[1])) if g[1] else None
 
 
 def main() -> None:
@@ -100,7 +116,10 @@ def main() -> None:
             m["welch"]["p"] is not None and m["welch"]["p"] < 0.01 and m["mean"] < r["mean"],
             f"p {format_p(m['welch'])}, Δ {m['delta_vs_baseline']:+.4f}",
         ),
-        "seed std <= 2x residual's": (m["std"] <= 2 * r["std"], f"{m['std']:.4f} against {r['std']:.4f}"),
+        "seed std <= 2x residual's": (
+            None not in (m["std"], r["std"]) and m["std"] <= 2 * r["std"],
+            f"{fmt(m['std'], '.4f')} against {fmt(r['std'], '.4f')}",
+        ),
         "compute multiplier >= 1.5": ((mult["multiplier"] or mult["lower_bound"] or 0) >= 1.5, format_multiplier(mult)),
     }
     summary["targets"] = {k: {"met": bool(ok), "value": text} for k, (ok, text) in targets.items()}
@@ -108,20 +127,19 @@ def main() -> None:
     lines += [f"| {k} | {'yes' if ok else 'no'} | {text} |" for k, (ok, text) in targets.items()]
     if depth is not None:
         shallow, deep = gain(main_results), gain(depth)
-        diff, se = deep[0] - shallow[0], math.hypot(shallow[1], deep[1])
-        p = math.erfc(abs(diff / se) / math.sqrt(2)) if se else None
-        summary["depth"] = {"gain_6": shallow, "gain_18": deep, "difference": diff, "se": se, "p_normal": p}
+        test = difference_of_gains(shallow, deep)
+        summary["depth"] = {"gain_6": gain_with_se(shallow), "gain_18": gain_with_se(deep), **test}
         lines += ["", "| depth | residual | mudd | MUDD − residual (± s.e.) | p (Welch) |", "|---|---:|---:|---:|---:|"]
         for label, res, g in (("6 layers, dim 192", main_results, shallow), ("18 layers, dim 112", depth, deep)):
-            c = res["connections"]
+            c, (value, se) = res["connections"], gain_with_se(g)
             lines.append(
-                f"| {label} | {c['residual']['mean']:.4f} ± {c['residual']['std']:.4f} | "
-                f"{c['mudd']['mean']:.4f} ± {c['mudd']['std']:.4f} | {g[0]:+.4f} ± {g[1]:.4f} | "
+                f"| {label} | {c['residual']['mean']:.4f} ± {fmt(c['residual']['std'], '.4f')} | "
+                f"{c['mudd']['mean']:.4f} ± {fmt(c['mudd']['std'], '.4f')} | {value:+.4f} ± {fmt(se, '.4f')} | "
                 f"{format_p(c['mudd']['welch'])} |"
             )
         lines.append(
-            f"\nGain at 18 layers minus gain at 6: {diff:+.4f} ± {se:.4f} (normal approximation p "
-            f"{'—' if p is None else f'{p:.3g}'}; negative means MUDD gains more when deeper)."
+            f"\nGain at 18 layers minus gain at 6: {test['difference']:+.4f} ± {fmt(test['se'], '.4f')} (Welch "
+            f"p {format_p(test)}; negative means MUDD gains more when deeper)."
         )
     print("\n".join(lines))
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

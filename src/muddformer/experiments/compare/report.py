@@ -14,6 +14,7 @@ import torch
 from muddformer._utils import atomic_path, write_json_atomic
 from muddformer.data.batches import sample_batch
 from muddformer.data.shards import TokenData
+from muddformer.errors import InputError
 from muddformer.experiments.bench import saved_activation_bytes
 from muddformer.experiments.compare.runs import final_val_loss, read_records, run_folder, train_config
 from muddformer.experiments.compare.settings import FORMAT, FORMAT_VERSION, CompareConfig, command_line
@@ -72,6 +73,12 @@ def connection_results(cc: CompareConfig, connection: str, data: str, out: Path)
     runs = [read_records(run_folder(out, connection, seed)) for seed in cc.seeds]
     first = json.loads((run_folder(out, connection, cc.seeds[0]) / "run.json").read_text())
     finals = [final_val_loss(records, cc.steps) for records in runs]
+    for seed, final in zip(cc.seeds, finals):
+        if final is not None and not math.isfinite(final):  # a mean, a test or a multiplier of it means nothing
+            raise InputError(
+                f"run {run_folder(out, connection, seed)} ended with validation loss {final}; compare finite runs "
+                "(train that one again at a lower --lr, or leave its connection out)"
+            )
     params, seq_len = first["parameters"]["total"], first["seq_len"]
     cfg = model_config(train_config(cc, connection, 0, data, out, progress=False))
     cuda_peaks = [r["max_memory_gb"] for records in runs for r in records if "max_memory_gb" in r]

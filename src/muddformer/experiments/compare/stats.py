@@ -56,11 +56,12 @@ def student_t_two_sided_p(t: float, df: float) -> float:
 def welch_t_test(a: list[float], b: list[float]) -> dict:
     """Welch's unequal-variance t-test of mean(a) - mean(b): t, Welch-Satterthwaite df, two-sided p.
 
-    With fewer than 2 values in either sample the variances are unknown: t, df and p are None.
+    With fewer than 2 values in either sample the variances are unknown, and a non-finite value has none:
+    t, df and p are None.
     With zero variance in both samples t is +-inf and p is 0 when the means differ, t = 0 and p = 1
     when they are equal (df is None in both cases).
     """
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or not all(math.isfinite(x) for x in (*a, *b)):
         return {"t": None, "df": None, "p": None}
     diff = statistics.fmean(a) - statistics.fmean(b)
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
@@ -74,7 +75,7 @@ def welch_t_test(a: list[float], b: list[float]) -> dict:
 def cohen_d(a: list[float], b: list[float]) -> float | None:
     """Effect size of mean(a) - mean(b) in units of the pooled standard deviation (None below 2 values each,
     or with no spread at all)."""
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or not all(math.isfinite(x) for x in (*a, *b)):
         return None
     pooled = ((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b)) / (len(a) + len(b) - 2)
     return (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(pooled) if pooled > 0 else None
@@ -96,11 +97,14 @@ def compute_multiplier(
     `lower_bound` and `upper_bound`:
     - the baseline never gets there: multiplier None, lower_bound = last baseline step / method_steps;
     - the method's loss is above the baseline's first evaluation (reached before the curve starts):
-      multiplier None, upper_bound = first baseline step / method_steps.
+      multiplier None, upper_bound = first baseline step / method_steps;
+    - a method's loss that is not finite: all None.
     """
     result = {"multiplier": None, "step": None, "lower_bound": None, "upper_bound": None}
     if not base_steps or len(base_steps) != len(base_losses) or method_steps <= 0:
         raise ValueError("compute_multiplier needs a non-empty baseline curve and method_steps > 0")
+    if not math.isfinite(method_final_loss):  # no step reaches a NaN: neither a value nor a bound
+        return result
     best = list(base_losses)
     for i in range(1, len(best)):
         best[i] = min(best[i], best[i - 1])
