@@ -380,6 +380,12 @@ def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, caps
     mudd, res = (results["connections"][n]["final_val_loss"] for n in ("mudd", "residual"))
     assert summary["mudd_vs"]["residual"]["delta"] == pytest.approx(sum(mudd) / 2 - sum(res) / 2)
     assert summary["mudd_vs"]["ddformer"]["p"] == results["pairwise_welch"]["mudd"]["ddformer"]["p"]
+    flops = {n: results["connections"][n]["flops_per_token"] for n in ("mudd", "residual")}
+    assert flops["mudd"] > flops["residual"]  # its generators and weighted sums: a step of it costs more
+    steps, in_flops = (summary["mudd_vs"]["residual"][k] for k in ("multiplier", "multiplier_flops"))
+    for key in ("multiplier", "lower_bound", "upper_bound"):
+        expected = None if steps[key] is None else steps[key] * flops["residual"] / flops["mudd"]
+        assert in_flops[key] == pytest.approx(expected), key
     assert set(summary["targets"]) == {
         "p < 0.01 against residual",
         "seed std <= 2x residual's",

@@ -140,7 +140,8 @@ def test_total_and_active_parameters(block):
     assert counts["total"] - count_parameters(dense)["total"] == (E + 1) * expert + D * E - dense_ffn
     assert counts["total"] - counts["active"] == (E - k) * expert
     attention = 12 * D * cfg.n_layer * 64
-    assert flops_per_token(cfg, counts["total"], 64) == 6 * (counts["active"] - 97 * D) + attention
+    mixing = 3 * model.connection.mix_flops()  # the connection's weighted sums, forward and backward
+    assert flops_per_token(cfg, counts["total"], 64) == 6 * (counts["active"] - 97 * D) + attention + mixing
 
 
 def test_paper_moe_preset_sizes():

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_one_line_error, nano_run
+from conftest import assert_one_line_error, build, nano_run, small_config
 from safetensors.torch import load_file
 
 import muddformer.training.trainer as trainer_module
@@ -327,6 +327,27 @@ def test_flops_per_token_and_the_gpu_peaks():
     assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_of("NVIDIA L40S") == 362e12 and peak_flops_of("NVIDIA L4") == 121e12
     assert peak_flops_of("NVIDIA A10G") is None and peak_flops_of("Tesla V100-SXM2-16GB") is None
+
+
+def test_flops_per_token_counts_each_connections_mixing():
+    D = 32
+
+    def mixing(connection, **kw):
+        return build(connection=connection, n_layer=2, dim=D, n_head=2, **kw).connection.mix_flops()
+
+    # MUDD, 2 layers: 4 streams over 2 states (x0, x1), then the last, R-only, over 3: 2 x (4 x 2 + 1 x 3) x D.
+    assert mixing("mudd") == 2 * (4 * 2 + 1 * 3) * D and mixing("ddformer") == 2 * (2 + 3) * D
+    assert mixing("mudd", dense_layers="-1") == 2 * 3 * D and mixing("residual") == 0
+    # HC, n = 2, 4 sites: alpha's and beta's projections on the 2nd stream (3 + 1), alpha^T H (3 x 2), the add (2).
+    assert mixing("hc", hyper_streams=2) == 4 * 2 * D * (4 + 6 + 2)
+    assert mixing("mhc", hyper_streams=2) == 4 * 2 * D * (2 + 4 + 2)  # pre H, res H, the add
+    # AttnRes over 4 sub-layers: sites 1-3 mix 2, 3 and 4 sources, the output 5; 6 D FLOPs a source.
+    assert mixing("attnres") == 6 * D * (2 + 3 + 4 + 5)
+    # Block AttnRes, one group: the embedding and the open sum at every site and at the output.
+    assert mixing("attnres-block", attnres_blocks=1) == 6 * D * (2 + 2 + 2 + 2)
+    cfg, base = (small_config(connection=c, n_layer=2, dim=D, n_head=2) for c in ("mudd", "residual"))
+    params = count_parameters(MuddModel(cfg))["total"]
+    assert flops_per_token(cfg, params, 16) - flops_per_token(base, params, 16) == 3 * mixing("mudd")
 
 
 def test_batch_settled_for_the_ranks_and_torchrun_needs_a_parallel_mode():

@@ -61,6 +61,16 @@ class AttentionResidualConnection(Connection):
         self.key_norms = nn.ModuleList(RMSNorm(cfg.dim, cfg.norm_eps) for _ in range(n_sites))
         self.reset_parameters()
 
+    def mix_flops(self) -> int:
+        # Each mix over S sources: S dot products with the query (the query counts once), S norms, the weighted sum.
+        dim, total, completed, partial = self.queries[0].shape[0], 0, 1, False
+        for site in range(1, len(self.groups)):  # as `read` goes: site 0 reads the embedding unmixed
+            partial = True  # the previous sub-layer's output
+            if self.groups[site] != self.groups[site - 1]:
+                completed, partial = completed + 1, False
+            total += 6 * dim * (completed + partial)
+        return total + 6 * dim * (completed + 1)  # the output mixes every source, the last group's open sum too
+
     def site_groups(self, cfg: MuddConfig, n_sites: int) -> list[int]:
         """The group of each sub-layer: its own one in full AttnRes."""
         return list(range(n_sites))

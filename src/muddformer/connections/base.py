@@ -62,6 +62,12 @@ class Connection(nn.Module):
         """The final state (B, T, D) that the output norm and head read."""
         raise NotImplementedError
 
+    def mix_flops(self) -> int:
+        """Forward FLOPs per token that its parameters do not account for (6 x parameters counts one
+        multiply-add per weight): weighted sums over states and streams, weights used more than once.
+        Norms and activations are left out, as they are for the body."""
+        return 0
+
     def reset_parameters(self) -> None:
         """Initialise the connection's own parameters; each class documents how close that starts to a
         residual network (the dense family: exactly one)."""

@@ -163,6 +163,10 @@ class DenseConnection(Connection):
     def static_prior_names(self) -> list[str]:
         return [f"dense_bs.{layer}" for layer in self.dense_bs]
 
+    def mix_flops(self) -> int:
+        # Each kept aggregation: every stream a weighted sum of its sources (the paper's FLOP ratio counts it).
+        return sum(2 * len(agg.streams) * len(agg.sources) * self.dim for agg in self.plan if agg is not None)
+
     def input_streams(self, layer: int) -> int:
         """How many stream tensors the aggregation after block `layer` hands on: 4 (q, k, v, r) or 1."""
         return 4 if self.n_streams == 4 and layer < self.n_layer - 1 else 1

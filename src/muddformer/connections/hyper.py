@@ -42,7 +42,7 @@ class HyperConnectionBase(Connection):
 
     def __init__(self, cfg: MuddConfig):
         super().__init__(cfg)
-        self.n_streams = cfg.hyper_streams
+        self.n_streams, self.dim = cfg.hyper_streams, cfg.dim
         per_block = 1 if cfg.block == "pythia" else 2
         self.layers = nn.ModuleList(
             HyperLayer([self.make_site(cfg, layer * per_block + j) for j in range(per_block)])
@@ -52,6 +52,11 @@ class HyperConnectionBase(Connection):
 
     def make_site(self, cfg: MuddConfig, index: int) -> nn.Module:
         raise NotImplementedError
+
+    def mix_flops(self) -> int:
+        return sum(
+            cast(Site, site).mix_flops(self.dim) for layer in self.layers for site in cast(HyperLayer, layer).sites
+        )
 
     def reset_parameters(self) -> None:
         for layer in self.layers:
@@ -80,6 +85,8 @@ class Site(Protocol):
     def read(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def reset_parameters(self) -> None: ...
+
+    def mix_flops(self, dim: int) -> int: ...
 
 
 class HyperLayer(nn.Module):
@@ -141,6 +148,12 @@ class HyperSite(nn.Module):
             bias = getattr(self.norm, "bias", None)  # LayerNorm's (pythia); RMSNorm has none
             if bias is not None:
                 nn.init.zeros_(bias)
+
+    def mix_flops(self, dim: int) -> int:
+        # alpha's and beta's projections read each of the n streams (the parameters count one), alpha^T H, and
+        # the output added to every stream with its gain.
+        n = self.n
+        return 2 * dim * ((n - 1) * (n + 2) + (n + 1) * n + n)
 
     def read(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The sub-layer input h (B, T, D), the carried streams R^T H (B, T, n, D) and the gains b (B, T, n)."""
@@ -221,6 +234,10 @@ class ManifoldSite(nn.Module):
         post = 2.0 * torch.sigmoid(a_post * post + self.bias_post.to(dtype))
         res = sinkhorn(a_res * res.unflatten(-1, (n, n)) + self.bias_res.to(dtype), self.iters)
         return pre, post, res
+
+    def mix_flops(self, dim: int) -> int:
+        n = self.n  # pre H, res H and the output added to every stream with its gain
+        return 2 * dim * (n + n * n + n)
 
     def read(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The sub-layer input pre H (B, T, D), the carried streams res H (B, T, n, D) and the gains post."""

@@ -14,6 +14,7 @@ import torch
 from muddformer import __version__
 from muddformer._utils import atomic_path
 from muddformer.config import MuddConfig
+from muddformer.connections import build_connection
 from muddformer.errors import DataError
 from muddformer.moe import inactive_parameters
 from muddformer.plotting import pyplot, save_png
@@ -33,10 +34,13 @@ PEAK_FLOPS = {
 
 def flops_per_token(cfg: MuddConfig, params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 x the non-embedding parameters a token passes through (all but the routed
-    experts it is not sent to) plus attention (PaLM appendix B), each layer's over at most its window."""
+    experts it is not sent to) plus attention (PaLM appendix B), each layer's over at most its window, plus 3 x the
+    connection's forward mixing (`Connection.mix_flops`: MUDD's weighted sums, which the paper's ratio counts)."""
     context = sum(min(seq_len, window) if window else seq_len for window in cfg.attn_windows)
     lookup = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.dim  # a tied table is also the output head
-    return 6 * (params - inactive_parameters(cfg) - lookup) + 12 * cfg.dim * context
+    with torch.device("meta"):  # its plan, without memory
+        mixing = build_connection(cfg).mix_flops()
+    return 6 * (params - inactive_parameters(cfg) - lookup) + 12 * cfg.dim * context + 3 * mixing
 
 
 def peak_flops(device: torch.device) -> float | None:

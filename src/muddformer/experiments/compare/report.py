@@ -177,7 +177,7 @@ def format_multiplier(m: dict) -> str:
         return f"{m['multiplier']:.2f}×" + (f" ({m['relative']:.2f}× rel.)" if m.get("relative") is not None else "")
     if m["lower_bound"] is not None:
         return f">{m['lower_bound']:.2f}×"
-    return f"<{m['upper_bound']:.2f}×"
+    return "—" if m["upper_bound"] is None else f"<{m['upper_bound']:.2f}×"
 
 
 def format_bytes(n: int) -> str:
