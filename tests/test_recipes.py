@@ -39,6 +39,7 @@ def test_every_preset_names_a_recipe_and_the_paper_values_are_table_2s():
         ) == (lr, 0.9, 0.95, 0.1, 1.0, 0.01, "cosine", 0.1, 2048)
         assert PRESET_RECIPES[f"tfm++-{size}"] == PRESET_RECIPES[f"muddformer-{size}"]
         assert MuddConfig.from_preset(f"muddformer-{size}").dense_norm == "prepost"  # the official configuration
+        assert MuddConfig.from_preset(f"tfm++-{size}").init_method == "xavier"  # the paper's scaling runs
     m28 = get_recipe(PRESET_RECIPES["muddformer-2.8b"])
     assert m28.lr * m28.min_lr_ratio == pytest.approx(3.2e-6)
     assert get_recipe(PRESET_RECIPES["muddpythia-2.8b"]).lr == 1.6e-4

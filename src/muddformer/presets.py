@@ -90,10 +90,13 @@ _SCALING = {
     "deepnarrow-797m": dict(n_layer=34, dim=1280, n_head=20),
     "deepnarrow-1.34b": dict(n_layer=42, dim=1536, n_head=24),
 }
+# The paper's scaling runs initialise with Xavier normal (architecture §2); the released models' presets load
+# weights and keep N(0, 0.02), as do the CPU ones.
+_PAPER_INIT = dict(init_method="xavier")
 for _size, _shape in _SCALING.items():
-    PRESETS[f"tfm++-{_size}"] = dict(_PILE, block="llama", **_shape, **_TFMPP)
+    PRESETS[f"tfm++-{_size}"] = dict(_PILE, block="llama", **_shape, **_TFMPP, **_PAPER_INIT)
     PRESETS[f"muddformer-{_size}"] = dict(
-        _PILE, block="llama", use_qk_norm=False, **_shape, **_MUDD, dense_norm="prepost"
+        _PILE, block="llama", use_qk_norm=False, **_shape, **_MUDD, dense_norm="prepost", **_PAPER_INIT
     )
 
 # Small models for CPU work (8k vocabulary) and tests.
@@ -161,6 +164,7 @@ for _name, _form in (("last2", last2_mudd), ("speedrun", speedrun_mudd)):
         **_SCALING["405m"],
         ffn_schedule="constant",
         **_form(_SCALING["405m"]["n_layer"]),
+        **_PAPER_INIT,
     )
 # Presets renamed since: the name a user may still type, and what it became.
 RENAMED = {f"mudd-trimmed-{size}": f"mudd-last2-{size}" for size in ("tiny", "small")}
@@ -169,9 +173,17 @@ RENAMED["muddformer-trimmed-405m"] = "muddformer-last2-405m"
 # every layer of the 405M shape) and small CPU ones (8 experts, top-2, active FFN width that of the dense model).
 # Every layer is a mixture, so the FFN width schedule has nothing to act on: constant.
 _MOE_PAPER = dict(moe_experts=16, moe_top_k=2, moe_intermediate_size=1408, ffn_schedule="constant")
-PRESETS["tfm++-moe-1.8b-a405m"] = dict(_PILE, block="llama", **_SCALING["405m"], **{**_TFMPP, **_MOE_PAPER})
+PRESETS["tfm++-moe-1.8b-a405m"] = dict(
+    _PILE, block="llama", **_SCALING["405m"], **{**_TFMPP, **_MOE_PAPER}, **_PAPER_INIT
+)
 PRESETS["muddformer-moe-1.8b-a405m"] = dict(
-    _PILE, block="llama", use_qk_norm=False, **_SCALING["405m"], **{**_MUDD, **_MOE_PAPER}, dense_norm="prepost"
+    _PILE,
+    block="llama",
+    use_qk_norm=False,
+    **_SCALING["405m"],
+    **{**_MUDD, **_MOE_PAPER},
+    dense_norm="prepost",
+    **_PAPER_INIT,
 )
 _MOE_CPU = dict(moe_experts=8, moe_top_k=2, ffn_schedule="constant")
 PRESETS["moe-tiny"] = dict(block="llama", **_CPU["tiny"], **{**_MUDD, **_MOE_CPU})
