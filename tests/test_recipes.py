@@ -147,6 +147,9 @@ def test_recipes_command_and_unknown_recipe(run_cli, play_data, tmp_path):
     proc = run_cli("recipes")
     assert proc.returncode == 0 and "paper-405m" in proc.stdout and "cpu" in proc.stdout
     assert "default of: tfm++-405m, muddformer-405m" in proc.stdout
+    # The batch of a step, not only the micro-batch, and the connection's own settings.
+    assert "13,500 steps" in proc.stdout and "batch: 256 sequences of 2048 tokens a step, 8 per rank" in proc.stdout
+    assert "connection's parameters: lr x0.25, betas (0.9, 0.99), wd 0; priors lr x0.25" in proc.stdout
     assert_one_line_error(
         run_cli("train", "--recipe", "fast", "--data", play_data, "--out", tmp_path / "r"), "unknown recipe 'fast'"
     )

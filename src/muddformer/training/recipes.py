@@ -161,7 +161,7 @@ for _base in ("cpu", "paper-405m"):
         generator_beta2=0.99,
         generator_weight_decay=0.0,
         follows=RECIPES[_base].follows + "; the MUDD parameters as the GPT-2 speedrun's record: lr x 0.25, betas "
-        "(0.9, 0.99), no weight decay",
+        "(0.9, 0.99), no weight decay (its Adam eps 1e-10 for them is not followed: one eps for every group)",
     )
 
 
