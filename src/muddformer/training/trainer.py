@@ -241,17 +241,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the run's fixed windows."""
-        model, info = self.model, self.info
+        """Mean validation loss over the run's fixed windows, each rank scoring its share of them."""
+        model, info, batch = self.model, self.info, self.tc.batch_size
         model.eval()
         total = torch.zeros((), device=info.device)
         val = self.data.split("val", self.seq_len)
-        for x, y in iter_eval_batches(val, self.seq_len, self.tc.batch_size, self.windows):
+        share = -(-len(self.windows) // info.world)
+        mine = self.windows[info.rank * share : (info.rank + 1) * share]
+        real = len(mine)
+        # Every rank runs as many forwards (they are collective under FSDP2 and DDP): a short share is filled with
+        # repeats whose targets are ignored.
+        mine += self.windows[: share - real]
+        for i, (x, y) in enumerate(iter_eval_batches(val, self.seq_len, batch, mine)):
+            rows = min(x.shape[0], max(0, real - i * batch))
+            if rows < x.shape[0]:
+                y = y.clone()  # a view of the same windows as x
+                y[rows:] = -100
             with self.autocast():
                 logits = model(x.to(info.device)).logits
-            total += next_token_loss(logits, y.to(info.device)) * x.shape[0]
+            if rows:
+                total += next_token_loss(logits, y.to(info.device)) * rows
         model.train()
-        return (total / len(self.windows)).item()
+        return (all_reduce_mean(total, info) * info.world / len(self.windows)).item()
 
     def save(self, done: int) -> None:
         """The checkpoint after `done` steps: model, optimizer, RNG and data position."""
