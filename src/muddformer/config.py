@@ -258,8 +258,7 @@ class MuddConfig:
     @property
     def eos_ids(self) -> list[int]:
         """The end-of-text ids ([] when none is known)."""
-        eos = self.eos_token_id
-        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return id_list(self.eos_token_id)
 
     @property
     def dense_layer_set(self) -> set[int] | None:
@@ -376,6 +375,11 @@ class MuddConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def id_list(ids: int | list[int] | None) -> list[int]:
+    """Token ids given as one id, a list of them, or None (none), as a list."""
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
 def _allowed_types(hint: Any) -> tuple[type, ...]:

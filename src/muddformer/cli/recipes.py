@@ -21,10 +21,6 @@ def run(args: argparse.Namespace) -> int:
     for name, r in RECIPES.items():
         presets = [p for p, recipe in PRESET_RECIPES.items() if recipe == name]
         per_step = f"{r.global_batch} sequences" if r.global_batch else f"{r.batch_size} x ranks x --grad-accum"
-        gen_betas = tuple(
-            b if g is None else g for g, b in ((r.generator_beta1, r.beta1), (r.generator_beta2, r.beta2))
-        )
-        gen_wd = r.weight_decay if r.generator_weight_decay is None else r.generator_weight_decay
         print(
             f"{name:<24} lr={r.lr:<8g} {r.max_steps:,} steps, warmup={r.warmup:g} {r.schedule} to {r.min_lr_ratio:g}x  "
             f"betas=({r.beta1:g}, {r.beta2:g}) eps={r.eps:g} wd={r.weight_decay:g} on {r.weight_decay_on} "
@@ -35,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
             f"{r.batch_size} per rank per micro-batch"
         )
         print(
-            f"{'':<24} connection's parameters: lr x{r.generator_lr_mult:g}, betas ({gen_betas[0]:g}, "
-            f"{gen_betas[1]:g}), wd {gen_wd:g}; priors lr x{r.prior_lr_mult:g}"
+            f"{'':<24} connection's parameters: lr x{r.generator_lr_mult:g}, betas ({r.generator_betas[0]:g}, "
+            f"{r.generator_betas[1]:g}), wd {r.generator_decay:g}; priors lr x{r.prior_lr_mult:g}"
         )
         print(f"{'':<24} follows: {r.follows}")
         print(f"{'':<24} default of: {', '.join(presets) or '-'}")

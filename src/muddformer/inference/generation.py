@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from muddformer.config import id_list
 from muddformer.errors import InputError
 from muddformer.inference.kv_cache import KVCache, StaticKVCache
 from muddformer.model import MuddModel
@@ -132,7 +133,7 @@ def generate(
             f"block_size={model.config.block_size}; shorten the prompt or ask for fewer tokens"
         )
     device = input_ids.device
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    eos = id_list(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -82,6 +82,19 @@ class Recipe:
             if value is not None and not 0 <= value < 1:
                 fail(field, "must be in [0, 1)")
 
+    @property
+    def generator_betas(self) -> tuple[float, float]:
+        """The connection's parameters' betas (each None field: the body's)."""
+        return (
+            self.beta1 if self.generator_beta1 is None else self.generator_beta1,
+            self.beta2 if self.generator_beta2 is None else self.generator_beta2,
+        )
+
+    @property
+    def generator_decay(self) -> float:
+        """The connection's parameters' weight decay (None: the body's)."""
+        return self.weight_decay if self.generator_weight_decay is None else self.generator_weight_decay
+
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
 
@@ -178,23 +191,19 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     `lr_mult` (the loop sets lr = schedule x lr_mult); every trainable parameter is in exactly one group."""
     connection = model.connection
     priors = {"connection." + name for name in connection.static_prior_names()}
-    gen_betas = (
-        recipe.generator_beta1 if recipe.generator_beta1 is not None else recipe.beta1,
-        recipe.generator_beta2 if recipe.generator_beta2 is not None else recipe.beta2,
-    )
-    gen_wd = recipe.generator_weight_decay if recipe.generator_weight_decay is not None else recipe.weight_decay
+    gen_betas, gen_wd = recipe.generator_betas, recipe.generator_decay
+    decay_all = recipe.weight_decay_on == "all"  # the official JAX code's AdamW decays every parameter
     settings = {
         "matrices": dict(lr_mult=1.0, weight_decay=recipe.weight_decay, betas=(recipe.beta1, recipe.beta2)),
-        "vectors": dict(lr_mult=1.0, weight_decay=0.0, betas=(recipe.beta1, recipe.beta2)),
+        "vectors": dict(
+            lr_mult=1.0, weight_decay=recipe.weight_decay if decay_all else 0.0, betas=(recipe.beta1, recipe.beta2)
+        ),
         "generator_matrices": dict(lr_mult=recipe.generator_lr_mult, weight_decay=gen_wd, betas=gen_betas),
-        "generator_vectors": dict(lr_mult=recipe.generator_lr_mult, weight_decay=0.0, betas=gen_betas),
-        "priors": dict(lr_mult=recipe.prior_lr_mult, weight_decay=0.0, betas=gen_betas),
+        "generator_vectors": dict(
+            lr_mult=recipe.generator_lr_mult, weight_decay=gen_wd if decay_all else 0.0, betas=gen_betas
+        ),
+        "priors": dict(lr_mult=recipe.prior_lr_mult, weight_decay=gen_wd if decay_all else 0.0, betas=gen_betas),
     }
-    if recipe.weight_decay_on == "all":  # the official JAX code's AdamW decays every parameter
-        for name in ("vectors", "generator_vectors", "priors"):
-            settings[name]["weight_decay"] = settings["matrices" if name == "vectors" else "generator_matrices"][
-                "weight_decay"
-            ]
     members: dict[str, list] = {name: [] for name in settings}
     for name, p in model.named_parameters():
         if not p.requires_grad:
