@@ -13,7 +13,7 @@ from conftest import (
     randomize_connection,
 )
 
-from muddformer import copy_shared_weights
+from muddformer import MuddConfig, copy_shared_weights
 from muddformer.connections.dense import generator_width
 from muddformer.kernels import depth_mix
 from muddformer.kernels.depth_mix import depth_mix_reference
@@ -162,6 +162,35 @@ def test_xavier_init_method():
     assert std == pytest.approx((2 / (64 + 64)) ** 0.5, rel=0.1)
 
 
+@pytest.mark.parametrize("experts", [0, 4])
+def test_neox_init_method(experts):
+    # GPT-NeoX (Pythia): small_init sqrt(2 / 5D) everywhere, wang_init 2 / (L sqrt(D)) on what writes to the stream.
+    moe = (
+        dict(moe_experts=experts, moe_top_k=2, moe_intermediate_size=128, moe_layers="1", ffn_schedule="constant")
+        if experts
+        else {}
+    )
+    model = build(init_method="neox", block="pythia", n_layer=4, dim=128, n_head=2, vocab_size=512, **moe)
+    small, wang = (2 / (5 * 128)) ** 0.5, 2 / (4 * 128**0.5)
+    layer0, layer1 = model.layers[0], model.layers[1]
+    for weight in (
+        model.tok_embeddings.weight,
+        model.output.weight,
+        layer0.attention.wq.weight,
+        layer0.feed_forward.w1.weight,
+    ):
+        assert weight.std().item() == pytest.approx(small, rel=0.05)
+    for weight in (layer0.attention.wo.weight, layer0.feed_forward.w2.weight, layer1.attention.wo.weight):
+        assert weight.std().item() == pytest.approx(wang, rel=0.05)
+    if experts:
+        assert layer1.feed_forward.w1.std().item() == pytest.approx(small, rel=0.05)
+        assert layer1.feed_forward.w2.std().item() == pytest.approx(wang, rel=0.05)
+        assert layer1.feed_forward.router.weight.std().item() == pytest.approx(small, rel=0.1)
+    for name in ("muddpythia-1.4b", "muddpythia-2.8b", "pythia-1.4b", "pythia-2.8b"):
+        assert MuddConfig.from_preset(name).init_method == "neox"
+    assert MuddConfig.from_preset("muddpythia-tiny").init_method == "normal"
+
+
 def test_compiles_with_fullgraph():
     # Eager takes the buffered mix; compiled takes the reference formula, which inductor fuses.
     model = build(connection="mudd", dense_norm="prepost")
@@ -184,7 +213,8 @@ def test_buffered_mix_equals_reference_values_and_gradients(block, connection, d
         results[impl] = loss_and_grads(model, ids())
     (ref_loss, ref_grads), (loss, grads) = results["reference"], results["matmul"]
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
-    assert_grads_close(grads, ref_grads)
+    # The priors' gradients are sums over every token, which the two mixes add up in other orders (4e-6 seen).
+    assert_grads_close(grads, ref_grads, rel=1e-5)
 
 
 def test_inference_normalises_the_stacked_streams_in_one_call():

@@ -94,6 +94,9 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(single, two_ranks, parall
         for key in ("loss", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (a, b)
+        norms = [key for key in a if key.startswith("grad_norm")]  # the total and each group's
+        assert {key: b[key] for key in norms} == pytest.approx({key: a[key] for key in norms}, rel=1e-4), (a, b)
+    assert sum(key.startswith("grad_norm/") for r in got for key in r) >= 4  # two groups on two log steps at least
     assert_close_weights(single / "checkpoints" / "step_000009", out / "checkpoints" / "step_000009")
     assert (out / "sample.txt").is_file() and (out / "loss.png").is_file()
 

@@ -46,6 +46,17 @@ def test_a_fresh_connection_computes_the_residual_model(block, connection):
 
 
 @pytest.mark.parametrize("block, connection", CASES)
+def test_one_seed_gives_every_connection_the_same_body(block, connection):
+    # Runs of a comparison at one seed start from the same body, so that they can be read as pairs.
+    residual = dict(build(seed=5, block=block, connection="residual", **PIECES).named_parameters())
+    model = dict(build(seed=5, block=block, connection=connection, **PIECES).named_parameters())
+    body = [name for name in model if not name.startswith("connection.") and name in residual]
+    assert len(body) > 0.9 * len(residual)  # the multiway blocks' extra pre-norms are the only names not shared
+    for name in body:
+        assert torch.equal(model[name], residual[name]), name
+
+
+@pytest.mark.parametrize("block, connection", CASES)
 def test_later_tokens_never_reach_earlier_positions(block, connection):
     model = build(block=block, connection=connection, **PIECES)
     randomize_connection(model)

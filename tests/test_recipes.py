@@ -106,7 +106,7 @@ def test_schedules(schedule, halfway, end):
 def test_every_parameter_of_every_connection_is_in_exactly_one_group(connection):
     model = build(connection=connection, n_layer=3)
     recipe = get_recipe("cpu").replace(
-        generator_lr_mult=0.25, generator_beta2=0.99, generator_weight_decay=0.0, prior_lr_mult=0.5
+        generator_lr_mult=0.25, generator_beta2=0.99, generator_weight_decay=0.0, generator_eps=1e-10, prior_lr_mult=0.5
     )
     groups = param_groups(model, recipe)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -117,12 +117,13 @@ def test_every_parameter_of_every_connection_is_in_exactly_one_group(connection)
         g = role[name]
         if not name.startswith("connection."):
             assert g["name"] == ("matrices" if p.dim() >= 2 else "vectors") and g["lr_mult"] == 1.0
-            assert g["betas"] == (0.9, 0.95)
+            assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8
         elif name in {"connection." + n for n in model.connection.static_prior_names()}:
             assert (g["name"], g["lr_mult"], g["weight_decay"], g["betas"]) == ("priors", 0.5, 0.0, (0.9, 0.99))
+            assert g["eps"] == 1e-10
         else:
             assert g["name"].startswith("generator_") and g["lr_mult"] == 0.25 and g["weight_decay"] == 0.0
-            assert g["betas"] == (0.9, 0.99)
+            assert g["betas"] == (0.9, 0.99) and g["eps"] == 1e-10
     if connection in ("mudd", "ddformer", "denseformer", "mudd-static"):
         assert {n for n, g in role.items() if g["name"] == "priors"} == {f"connection.dense_bs.{l}" for l in range(3)}
     if connection == "residual":
@@ -133,10 +134,11 @@ def test_generator_learning_rate_multiplier_reaches_the_optimizer(play_data, tmp
     from muddformer.training.trainer import train
 
     out = tmp_path / "run"
-    train(nano_run(play_data, out, generator_lr_mult=0.25))
+    train(nano_run(play_data, out, generator_lr_mult=0.25, generator_eps=1e-10))
     state = torch.load(out / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=False)
     groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
     assert groups["generator_matrices"]["lr"] == pytest.approx(0.25 * groups["matrices"]["lr"])
+    assert groups["generator_matrices"]["eps"] == 1e-10 and groups["matrices"]["eps"] == 1e-8
     import json
 
     run = json.loads((out / "run.json").read_text())
@@ -149,7 +151,8 @@ def test_recipes_command_and_unknown_recipe(run_cli, play_data, tmp_path):
     assert "default of: tfm++-405m, muddformer-405m" in proc.stdout
     # The batch of a step, not only the micro-batch, and the connection's own settings.
     assert "13,500 steps" in proc.stdout and "batch: 256 sequences of 2048 tokens a step, 8 per rank" in proc.stdout
-    assert "connection's parameters: lr x0.25, betas (0.9, 0.99), wd 0; priors lr x0.25" in proc.stdout
+    assert "connection's parameters: lr x0.25, betas (0.9, 0.99), eps 1e-10, wd 0; priors lr x0.25" in proc.stdout
+    assert "connection's parameters: lr x1, betas (0.9, 0.95), eps 1e-08, wd 0.1; priors lr x1" in proc.stdout
     assert_one_line_error(
         run_cli("train", "--recipe", "fast", "--data", play_data, "--out", tmp_path / "r"), "unknown recipe 'fast'"
     )

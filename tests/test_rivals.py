@@ -331,7 +331,8 @@ def test_static_priors_are_not_weight_decayed(connection, priors):
         if names[id(p)].startswith("connection.")
     }
     assert priors <= kept and not priors & decayed
-    assert decayed == ({"dynamic_alpha"} if connection == "hc" else {"projection"})
+    # HC's whole dynamic part is decayed, its beta projection (a (D, 1) matrix stored as a vector) included.
+    assert decayed == ({"dynamic_alpha", "dynamic_beta"} if connection == "hc" else {"projection"})
 
 
 @pytest.mark.parametrize(

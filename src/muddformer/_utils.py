@@ -115,3 +115,17 @@ def resolve_device(name: str) -> str:
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """x in float32 when it is narrower (bfloat16, float16); a float64 model keeps its precision."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+@contextmanager
+def fork_default_device_rng() -> Iterator[None]:
+    """Run the body with the CPU's random generator, and the default device's where that is an accelerator,
+    restored afterwards: what the body draws leaves every later draw unchanged."""
+    device = torch.get_default_device()
+    if device.type in ("cpu", "meta"):
+        with torch.random.fork_rng(devices=[]):
+            yield
+        return
+    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        yield

@@ -24,7 +24,7 @@ FFN_SCHEDULES = ("constant", "linear")
 DENSE_NORMS = ("none", "prepost")
 DENSE_MIXES = ("replace", "add")
 TABLE_DTYPES = ("float32", "bfloat16", "float16")
-INIT_METHODS = ("normal", "xavier")
+INIT_METHODS = ("normal", "xavier", "neox")
 ATTN_IMPLS = ("sdpa", "reference")
 ROPE_SCALINGS = ("none", "llama3")
 MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # implemented in kernels/depth_mix.py
@@ -131,7 +131,8 @@ class MuddConfig:
     sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations that make the stream mixing doubly stochastic
     attnres_blocks: int = 8  # attnres-block: groups of layers (at most n_layer); plain residual sums inside a group
     tie_word_embeddings: bool = False
-    init_method: str = "normal"  # "normal": N(0, init_std); "xavier": Xavier normal (paper scaling runs)
+    # "normal": N(0, init_std); "xavier": Xavier normal (paper scaling runs); "neox": Pythia's small_init / wang_init
+    init_method: str = "normal"
     init_std: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None  # a list: any of them ends the text (e.g. Llama-3-Instruct's)

@@ -5,6 +5,7 @@ It knows nothing about parallelism, checkpoints or Hugging Face (architecture, i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muddformer._utils import at_least_float32
+from muddformer._utils import at_least_float32, fork_default_device_rng
 from muddformer.config import MuddConfig
 from muddformer.connections import build_connection
 from muddformer.errors import InputError
@@ -42,7 +43,8 @@ class MuddModel(nn.Module):
         # The window of the windowed layers (0: none); parsed once, not on every forward.
         self.attn_window = cfg.attn_window if any(cfg.attn_windows) else 0
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.connection = build_connection(cfg)
+        with fork_default_device_rng():  # the body draws the same numbers at one seed whatever the connection
+            self.connection = build_connection(cfg)
         self.layers = nn.ModuleList(
             Block(cfg, layer, width, self.connection.multiway_input(layer))
             for layer, width in enumerate(cfg.ffn_widths)
@@ -55,25 +57,36 @@ class MuddModel(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Fresh weights: N(0, init_std) or Xavier normal for matrices, norms 1, biases 0; then the
-        connection's own init, which makes a fresh model compute exactly what a residual one does."""
+        """Fresh weights: matrices by `init_method` (init_matrix), norms 1, biases 0; then the connection's own
+        init, which makes a fresh model compute exactly what a residual one does."""
         connection_modules = set(self.connection.modules())
+        outputs = {id(m) for block in self.layers for m in output_projections(block)}
         for module in self.modules():
             if module in connection_modules:
                 continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                if self.config.init_method == "xavier":
-                    nn.init.xavier_normal_(module.weight)
-                else:
-                    nn.init.normal_(module.weight, std=self.config.init_std)
+                self.init_matrix(module.weight, output=id(module) in outputs)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
             elif isinstance(module, MoEFeedForward):
-                module.reset_parameters(self.config.init_method, self.config.init_std)
+                module.reset_parameters(self.init_matrix)
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 nn.init.zeros_(bias)
         self.connection.reset_parameters()
+
+    def init_matrix(self, weight: torch.Tensor, output: bool = False) -> None:
+        """One weight matrix (out, in): N(0, init_std); Xavier normal; or GPT-NeoX's (Pythia's) small_init
+        N(0, sqrt(2 / 5D)), with wang_init N(0, 2 / (L sqrt(D))) for a block's `output` projections (attention
+        out, FFN down)."""
+        cfg = self.config
+        if cfg.init_method == "xavier":
+            nn.init.xavier_normal_(weight)
+        elif cfg.init_method == "neox":
+            std = 2 / (cfg.n_layer * math.sqrt(cfg.dim)) if output else math.sqrt(2 / (5 * cfg.dim))
+            nn.init.normal_(weight, std=std)
+        else:
+            nn.init.normal_(weight, std=cfg.init_std)
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
         """Recompute the rotary table from the config (float32, with its configured rounding)."""
@@ -199,6 +212,14 @@ class MuddModel(nn.Module):
         return AttentionContext(
             rope=self.rope[position_ids], mask=mask, window_mask=window_mask, cache=cache, cache_position=cache_position
         )
+
+
+def output_projections(block: nn.Module) -> list[nn.Module]:
+    """The block's linear maps that write to the stream: attention's output and the dense FFN's down projection
+    (an experts layer marks its own, MoEFeedForward.reset_parameters)."""
+    block = cast(Block, block)
+    ffn = block.feed_forward
+    return [block.attention.wo] + ([] if isinstance(ffn, MoEFeedForward) else [cast(nn.Module, ffn.w2)])
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

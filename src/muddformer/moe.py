@@ -9,6 +9,7 @@ kept on the module after each forward; the model adds them, weighted, to its out
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +51,15 @@ class MoEFeedForward(nn.Module):
         self.z_loss: torch.Tensor | None = None
         self.load: torch.Tensor | None = None
 
-    def reset_parameters(self, init_method: str, std: float) -> None:
+    def reset_parameters(self, init_matrix: Callable[..., None]) -> None:
+        """Every expert's matrices and the router's with the model's `init_matrix(weight, output=...)`; the down
+        projections w2 are the outputs."""
         with torch.no_grad():
-            for weight in (self.router.weight, self.w1, self.w2, self.w3):
+            for weight, output in ((self.router.weight, False), (self.w1, False), (self.w2, True), (self.w3, False)):
                 if weight is None:
                     continue
                 for matrix in weight if weight.dim() == 3 else [weight]:
-                    nn.init.xavier_normal_(matrix) if init_method == "xavier" else nn.init.normal_(matrix, std=std)
+                    init_matrix(matrix, output=output)
             for bias in (self.b1, self.b2):
                 if bias is not None:
                     bias.zero_()

@@ -13,6 +13,8 @@ _PILE_PYTHIA = dict(vocab_size=50304, block_size=2048)  # Pythia pads its embedd
 # Baselines keep the block but use a plain residual stream and constant FFN width (paper Fig. 3).
 _TFMPP = dict(connection="residual", ffn_schedule="constant", use_qk_norm=False)
 _MUDD = dict(connection="mudd", ffn_schedule="linear")
+# MUDDPythia trains with Pythia's own init (architecture §2.8): GPT-NeoX's small_init and wang_init.
+_PYTHIA_INIT = dict(init_method="neox")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The three published checkpoints (architecture §3.1).
@@ -41,6 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         eos_token_id=0,
         rope_table_dtype="float16",
         **_MUDD,
+        **_PYTHIA_INIT,
     ),
     "muddpythia-2.8b": dict(
         _PILE,
@@ -53,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         eos_token_id=0,
         rope_table_dtype="float16",
         **_MUDD,
+        **_PYTHIA_INIT,
     ),
     # Their baselines: the same body with a residual stream (Pythia as in the paper's Table 3).
     "tfm++-2.8b": dict(_PILE, block="llama", n_layer=32, dim=2560, n_head=32, intermediate_size=6912, **_TFMPP),
@@ -66,6 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=0,
         eos_token_id=0,
         **_TFMPP,
+        **_PYTHIA_INIT,
     ),
     "pythia-2.8b": dict(
         _PILE_PYTHIA,
@@ -77,6 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=0,
         eos_token_id=0,
         **_TFMPP,
+        **_PYTHIA_INIT,
     ),
 }
 
@@ -90,8 +96,8 @@ _SCALING = {
     "deepnarrow-797m": dict(n_layer=34, dim=1280, n_head=20),
     "deepnarrow-1.34b": dict(n_layer=42, dim=1536, n_head=24),
 }
-# The paper's scaling runs initialise with Xavier normal (architecture §2); the released models' presets load
-# weights and keep N(0, 0.02), as do the CPU ones.
+# The paper's scaling runs initialise with Xavier normal (architecture §2); MUDDFormer-2.8B's preset and the
+# CPU ones keep N(0, 0.02), the Pythia-size ones Pythia's init.
 _PAPER_INIT = dict(init_method="xavier")
 for _size, _shape in _SCALING.items():
     PRESETS[f"tfm++-{_size}"] = dict(_PILE, block="llama", **_shape, **_TFMPP, **_PAPER_INIT)

@@ -13,6 +13,8 @@ import math
 from collections import deque
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 # A dynamic dense weight above this magnitude is reported as a blow-up (the static prior starts at 1).
 BLOWUP = 50.0
@@ -34,17 +36,37 @@ def weight_stats(layer: int, streams: str, weights: torch.Tensor) -> dict[str, f
 
 
 def group_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """`grad_norm/{group}`: the L2 norm of each named parameter group's gradients (before clipping)."""
-    out: dict[str, float] = {}
+    """`grad_norm/{group}`: the L2 norm of each named parameter group's gradients (before clipping). Under
+    FSDP2 each rank sums the squares of its shards and one all-reduce adds them up for every group."""
+    names: list[str] = []
+    sharded: list[torch.Tensor] = []  # per group: the sum of squares over this rank's shards
+    whole: list[torch.Tensor] = []  # per group: the sum of squares over gradients every rank holds in full
+    mesh = None
     for group in optimizer.param_groups:
-        norms = []
-        for p in group["params"]:
-            if p.grad is not None:
-                n = torch.linalg.vector_norm(p.grad.float())
-                norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)  # FSDP2: a sharded norm
-        if norms:
-            out[f"grad_norm/{group.get('name', len(out))}"] = torch.linalg.vector_norm(torch.stack(norms)).item()
-    return out
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        if not grads:
+            continue
+        names.append(f"grad_norm/{group.get('name', len(names))}")
+        shards = [g for g in grads if isinstance(g, DTensor)]
+        for g in shards:
+            if g.device_mesh.ndim != 1 or not all(p.is_shard() for p in g.placements):
+                raise NotImplementedError(f"gradient norms of DTensor placements {g.placements}")
+            mesh = g.device_mesh
+        sharded.append(sum_of_squares([g.to_local() for g in shards], grads[0].device))
+        whole.append(sum_of_squares([g for g in grads if not isinstance(g, DTensor)], grads[0].device))
+    if not names:
+        return {}
+    shard_total = torch.stack(sharded)
+    if mesh is not None:
+        dist.all_reduce(shard_total, group=mesh.get_group())
+    return dict(zip(names, (shard_total + torch.stack(whole)).sqrt().tolist()))
+
+
+def sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of the squared entries of every tensor, in float32 at least (a 0-d tensor on `device`)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.stack([torch.linalg.vector_norm(t.float()).square() for t in tensors]).sum()
 
 
 class ExpertTally:

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(
             f"{'':<24} connection's parameters: lr x{r.generator_lr_mult:g}, betas ({r.generator_betas[0]:g}, "
-            f"{r.generator_betas[1]:g}), wd {r.generator_decay:g}; priors lr x{r.prior_lr_mult:g}"
+            f"{r.generator_betas[1]:g}), eps {r.generator_adam_eps:g}, wd {r.generator_decay:g}; "
+            f"priors lr x{r.prior_lr_mult:g}"
         )
         print(f"{'':<24} follows: {r.follows}")
         print(f"{'':<24} default of: {', '.join(presets) or '-'}")

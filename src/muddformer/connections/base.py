@@ -30,6 +30,9 @@ class Connection(nn.Module):
     # Last name parts of parameters that hold a static prior set by the init (an identity, a selection);
     # training exempts them from weight decay, which would pull the start towards zero.
     static_priors: tuple[str, ...] = ()
+    # Last name parts of vectors that are projections of the stream (weights a token's features multiply),
+    # grouped and decayed with the generator's matrices rather than with the norms.
+    projection_vectors: tuple[str, ...] = ()
 
     def __init__(self, cfg: MuddConfig):
         super().__init__()
@@ -74,4 +77,11 @@ class Connection(nn.Module):
 
     def static_prior_names(self) -> list[str]:
         """Names (inside the connection) of the parameters listed in `static_priors`."""
-        return [name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in self.static_priors]
+        return self._names_ending_in(self.static_priors)
+
+    def projection_vector_names(self) -> list[str]:
+        """Names (inside the connection) of the parameters listed in `projection_vectors`."""
+        return self._names_ending_in(self.projection_vectors)
+
+    def _names_ending_in(self, last_parts: tuple[str, ...]) -> list[str]:
+        return [name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in last_parts]

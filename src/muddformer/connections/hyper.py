@@ -174,6 +174,7 @@ class HyperConnection(HyperConnectionBase):
     """
 
     static_priors = ("static_alpha", "static_beta")
+    projection_vectors = ("dynamic_beta",)  # the (D, 1) projection of beta, stored as a vector; decayed like alpha's
 
     def make_site(self, cfg: MuddConfig, index: int) -> nn.Module:
         return HyperSite(cfg, self.n_streams, index)

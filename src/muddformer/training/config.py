@@ -70,6 +70,7 @@ class TrainConfig:
     generator_beta1: float | None = option(None, help="their AdamW beta1 (default: --beta1)")
     generator_beta2: float | None = option(None, help="their AdamW beta2 (default: --beta2)")
     generator_weight_decay: float | None = option(None, help="their weight decay on matrices (default: --weight-decay)")
+    generator_eps: float | None = option(None, help="their AdamW epsilon (default: --eps)")
     prior_lr_mult: float | None = option(
         None, help="learning-rate multiplier of the static priors (MUDD's dense_bs, ...)"
     )

@@ -8,7 +8,8 @@ command line, and the resolved recipe is recorded in the run's run.json.
 Parameter groups (`param_groups`): the body's matrices (embeddings, projections, head) with weight
 decay; the body's vectors (norm weights, biases) without; the connection's own learned parameters
 (MUDD's weight generators, HC's and mHC's dynamic projections, AttnRes's queries, the connections'
-norms) with their own learning-rate multiplier, betas and weight decay (vectors never decayed); its
+norms) with their own learning-rate multiplier, betas, epsilon and weight decay (vectors not decayed, except the
+projections stored as vectors, such as HC's dynamic beta, which are decayed like matrices); its
 static priors (MUDD's `dense_bs`, HC's and mHC's static mixing weights) never decayed, with their
 own learning-rate multiplier.
 """
@@ -51,6 +52,7 @@ class Recipe:
     generator_beta1: float | None = None
     generator_beta2: float | None = None
     generator_weight_decay: float | None = None
+    generator_eps: float | None = None
     prior_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
@@ -74,7 +76,7 @@ class Recipe:
             fail("warmup", "must be a share of the steps below 1")
         if not self.min_lr_ratio <= 1:
             fail("min_lr_ratio", "must be <= 1")
-        for field in ("seq_len", "global_batch"):
+        for field in ("seq_len", "global_batch", "generator_eps"):
             if getattr(self, field) is not None and getattr(self, field) <= 0:
                 fail(field, "must be positive")
         for field in ("beta1", "beta2", "generator_beta1", "generator_beta2"):
@@ -94,6 +96,11 @@ class Recipe:
     def generator_decay(self) -> float:
         """The connection's parameters' weight decay (None: the body's)."""
         return self.weight_decay if self.generator_weight_decay is None else self.generator_weight_decay
+
+    @property
+    def generator_adam_eps(self) -> float:
+        """The connection's parameters' AdamW epsilon (None: the body's)."""
+        return self.eps if self.generator_eps is None else self.generator_eps
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -173,8 +180,9 @@ for _base in ("cpu", "paper-405m"):
         prior_lr_mult=0.25,
         generator_beta2=0.99,
         generator_weight_decay=0.0,
+        generator_eps=1e-10,
         follows=RECIPES[_base].follows + "; the MUDD parameters as the GPT-2 speedrun's record: lr x 0.25, betas "
-        "(0.9, 0.99), no weight decay (its Adam eps 1e-10 for them is not followed: one eps for every group)",
+        "(0.9, 0.99), eps 1e-10, no weight decay",
     )
 
 
@@ -191,32 +199,32 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     `lr_mult` (the loop sets lr = schedule x lr_mult); every trainable parameter is in exactly one group."""
     connection = model.connection
     priors = {"connection." + name for name in connection.static_prior_names()}
-    gen_betas, gen_wd = recipe.generator_betas, recipe.generator_decay
+    projections = {"connection." + name for name in connection.projection_vector_names()}
+    body = dict(betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
+    own = dict(betas=recipe.generator_betas, eps=recipe.generator_adam_eps)  # the connection's parameters
+    wd, gen_wd = recipe.weight_decay, recipe.generator_decay
     decay_all = recipe.weight_decay_on == "all"  # the official JAX code's AdamW decays every parameter
     settings = {
-        "matrices": dict(lr_mult=1.0, weight_decay=recipe.weight_decay, betas=(recipe.beta1, recipe.beta2)),
-        "vectors": dict(
-            lr_mult=1.0, weight_decay=recipe.weight_decay if decay_all else 0.0, betas=(recipe.beta1, recipe.beta2)
-        ),
-        "generator_matrices": dict(lr_mult=recipe.generator_lr_mult, weight_decay=gen_wd, betas=gen_betas),
-        "generator_vectors": dict(
-            lr_mult=recipe.generator_lr_mult, weight_decay=gen_wd if decay_all else 0.0, betas=gen_betas
-        ),
-        "priors": dict(lr_mult=recipe.prior_lr_mult, weight_decay=gen_wd if decay_all else 0.0, betas=gen_betas),
+        "matrices": dict(lr_mult=1.0, weight_decay=wd, **body),
+        "vectors": dict(lr_mult=1.0, weight_decay=wd if decay_all else 0.0, **body),
+        "generator_matrices": dict(lr_mult=recipe.generator_lr_mult, weight_decay=gen_wd, **own),
+        "generator_vectors": dict(lr_mult=recipe.generator_lr_mult, weight_decay=gen_wd if decay_all else 0.0, **own),
+        "priors": dict(lr_mult=recipe.prior_lr_mult, weight_decay=gen_wd if decay_all else 0.0, **own),
     }
     members: dict[str, list] = {name: [] for name in settings}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        members[parameter_role(name, p.dim(), priors)].append(p)
+        members[parameter_role(name, p.dim(), priors, projections)].append(p)
     return [dict(name=name, params=members[name], **settings[name]) for name in settings if members[name]]
 
 
-def parameter_role(name: str, ndim: int, priors: set[str]) -> str:
-    """The parameter group of one MuddModel parameter, from its name and number of dimensions."""
+def parameter_role(name: str, ndim: int, priors: set[str], projections: set[str]) -> str:
+    """The parameter group of one MuddModel parameter, from its name and number of dimensions; `projections`
+    are vectors that count as matrices (a connection's projection_vectors)."""
     if name in priors:
         return "priors"
-    matrix = ndim >= 2
+    matrix = ndim >= 2 or name in projections
     if name.startswith("connection."):
         return "generator_matrices" if matrix else "generator_vectors"
     return "matrices" if matrix else "vectors"
