@@ -167,3 +167,19 @@ def test_experts_and_windows_under_fsdp_and_activation_checkpointing_equal_one_r
     for a, b in zip(ref, got):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
     assert_close_weights(one / "checkpoints" / "step_000003", two / "checkpoints" / "step_000003")
+
+
+def test_fsdp_with_accumulation_and_deferred_gradient_sync_equals_one_rank(play_data, tmp_path):
+    # Two ranks x 2 micro-batches of 2 sequences, gradients reduce-scattered once a step: one rank's batch of 8.
+    args = COMMON[:-2] + ["--data", str(play_data), "--max-steps", "3", "--set", "mix_impl=reference"]
+    one = tmp_path / "one"
+    proc = train_subprocess(args + ["--batch-size", "8", "--out", str(one)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "fsdp"
+    torchrun(args + ["--batch-size", "2", "--grad-accum", "2", "--parallel", "fsdp", "--fsdp-defer-grad-sync"], two)
+    ref, got = [r for r in metrics(one) if "loss" in r], [r for r in metrics(two) if "loss" in r]
+    assert [r["step"] for r in ref] == [r["step"] for r in got]
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    assert json.loads((two / "run.json").read_text())["train_config"]["fsdp_defer_grad_sync"] is True
+    assert_close_weights(one / "checkpoints" / "step_000003", two / "checkpoints" / "step_000003")

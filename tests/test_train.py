@@ -271,6 +271,7 @@ def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
         (["--set", "vocab_size=300"], "512-token vocabulary but the model has vocab_size=300"),
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--parallel", "fsdp"], "--parallel fsdp runs under torchrun: launch with `torchrun --nproc_per_node=N"),
+        (["--fsdp-defer-grad-sync"], "--fsdp-defer-grad-sync applies to --parallel fsdp, not --parallel none"),
         (
             ["--set", "moe_experts=4", "--set", "moe_top_k=1", "--set", "ffn_schedule=constant"],
             "moe_top_k=1 with moe_norm_topk=true gives every token a gate of exactly 1",

@@ -83,6 +83,11 @@ class TrainConfig:
     compile: bool = option(False, help="torch.compile the model")
     activation_checkpointing: bool = option(False, help="recompute block activations in backward")
     parallel: str = option("none", choices=PARALLELISMS, help="data parallelism under torchrun")
+    fsdp_defer_grad_sync: bool = option(
+        False,
+        help="with --parallel fsdp and --grad-accum > 1, reduce-scatter the gradients once a step instead of after "
+        "every micro-batch: less communication, unsharded gradients held between micro-batches",
+    )
     device: str = option("auto", help="auto, cpu or cuda")
     sample_tokens: int = option(200, help="tokens of text sampled at the end (0: none)")
     sample_prompt: str = option("ROMEO:\n")
@@ -99,6 +104,8 @@ class TrainConfig:
                 f"{world} ranks with --parallel none would train {world} separate models; "
                 "pass --parallel ddp or --parallel fsdp"
             )
+        if self.fsdp_defer_grad_sync and self.parallel != "fsdp":
+            raise ConfigError(f"--fsdp-defer-grad-sync applies to --parallel fsdp, not --parallel {self.parallel}")
         base = get_recipe(self.recipe or PRESET_RECIPES.get(self.preset, "cpu"))
         recipe = base.replace(**{k: getattr(self, k) for k in OVERRIDABLE if getattr(self, k) is not None})
         grad_accum = self.grad_accum

@@ -21,8 +21,10 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from muddformer._utils import atomic_path, exclusive_folder, write_json_atomic
@@ -210,7 +212,10 @@ class Trainer:
                 micro,
                 tc.grad_accum,
             )
-            sync = micro == tc.grad_accum - 1 or not hasattr(self.model, "no_sync")
+            last = micro == tc.grad_accum - 1
+            if tc.fsdp_defer_grad_sync:  # FSDP2: gradients stay unsharded and accumulate until the last micro-batch
+                cast(FSDPModule, self.model).set_requires_gradient_sync(last)
+            sync = last or not hasattr(self.model, "no_sync")  # DDP: all-reduce on the last micro-batch only
             with nullcontext() if sync else self.model.no_sync(), self.autocast():
                 out = self.model(x.to(info.device))
                 loss = next_token_loss(out.logits, y.to(info.device)) / tc.grad_accum
