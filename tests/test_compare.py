@@ -412,6 +412,19 @@ def test_evidence_report_tests_the_depth_gain_with_welchs_t_over_four_groups():
     assert difference_of_gains((-0.3, []), deep)["p"] is None  # one seed: no variance
 
 
+def test_the_multiplier_target_is_undetermined_when_only_a_bound_on_the_wrong_side_is_known():
+    script = Path(__file__).parents[1] / "scripts" / "experiments" / "evidence_report.py"
+    reaches = runpy.run_path(str(script))["reaches"]
+
+    def mult(multiplier=None, low=None, high=None):
+        return dict(multiplier=multiplier, lower_bound=low, upper_bound=high)
+
+    assert reaches(mult(1.6), 1.5) is True and reaches(mult(1.4), 1.5) is False
+    assert reaches(mult(low=2.0), 1.5) is True and reaches(mult(high=1.2), 1.5) is False
+    assert reaches(mult(low=1.2), 1.5) is None  # MUDD ends below the baseline's whole curve: at least 1.2x
+    assert reaches(mult(high=2.0), 1.5) is None and reaches(mult(), 1.5) is None
+
+
 def test_non_finite_losses_give_no_test_and_no_multiplier():
     assert welch_t_test([1.0, math.nan], [2.0, 2.5])["p"] is None
     assert compute_multiplier([10, 20], [5.0, 4.0], math.nan, 20) == dict.fromkeys(
