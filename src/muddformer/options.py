@@ -16,6 +16,7 @@ LOAD_DTYPES = (*DTYPES, "auto")  # loading a folder: "auto" keeps the stored dty
 PRECISIONS = ("float32", "bfloat16")  # training compute (bfloat16: autocast, or FSDP mixed precision)
 PARALLELISMS = ("none", "ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the 2-D matrices it takes, AdamW for the rest (training/optimizers.py)
 DECAY_SCOPES = ("matrices", "all")  # what weight decay applies to
 KV_CACHES = ("dynamic", "static")
 

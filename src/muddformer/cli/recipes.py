@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
         per_step = f"{r.global_batch} sequences" if r.global_batch else f"{r.batch_size} x ranks x --grad-accum"
         print(
             f"{name:<24} lr={r.lr:<8g} {r.max_steps:,} steps, warmup={r.warmup:g} {r.schedule} to {r.min_lr_ratio:g}x  "
-            f"betas=({r.beta1:g}, {r.beta2:g}) eps={r.eps:g} wd={r.weight_decay:g} on {r.weight_decay_on} "
-            f"clip={r.grad_clip:g} {r.dtype}"
+            f"{optimizer_text(r)} betas=({r.beta1:g}, {r.beta2:g}) eps={r.eps:g} wd={r.weight_decay:g} "
+            f"on {r.weight_decay_on} clip={r.grad_clip:g} {r.dtype}"
         )
         print(
             f"{'':<24} batch: {per_step} of {r.seq_len or 'min(256, block_size)'} tokens a step, "
@@ -32,9 +32,14 @@ def run(args: argparse.Namespace) -> int:
         )
         print(
             f"{'':<24} connection's parameters: lr x{r.generator_lr_mult:g}, betas ({r.generator_betas[0]:g}, "
-            f"{r.generator_betas[1]:g}), eps {r.generator_adam_eps:g}, wd {r.generator_decay:g}; "
+            f"{r.generator_betas[1]:g}), eps {r.generator_adam_eps:g}, wd {r.generator_decay:g}"
+            f"{', Muon for the matrices' if r.generator_optimizer == 'muon' else ''}; "
             f"priors lr x{r.prior_lr_mult:g}"
         )
         print(f"{'':<24} follows: {r.follows}")
         print(f"{'':<24} default of: {', '.join(presets) or '-'}")
     return 0
+
+
+def optimizer_text(r) -> str:
+    return "AdamW" if r.optimizer == "adamw" else f"Muon (momentum {r.muon_momentum:g}) for the blocks' matrices, AdamW"

@@ -32,6 +32,9 @@ from muddformer.config import MuddConfig
 from muddformer.data.tokenizers import export_tokenizer
 from muddformer.errors import CheckpointError
 
+# The run's optimizers: one, or AdamW and Muon side by side (training/optimizers.py).
+Optimizers = torch.optim.Optimizer | list[torch.optim.Optimizer]
+
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 UNFINISHED_RE = re.compile(r"^\.step_\d{6,}\.")  # atomic_dir's temporary folder of a checkpoint
 STATE_NAME = "trainer_state.json"
@@ -74,9 +77,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state on the CPU (collective under FSDP2; rank 0 gets the data)."""
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_state(model: torch.nn.Module, optimizers: Optimizers) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on the CPU (collective under FSDP2; rank 0 gets the data); the states of
+    several optimizers (AdamW and Muon) go into one dict, keyed by parameter name."""
+    return get_state_dict(model, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_checkpoint(
@@ -84,14 +88,14 @@ def save_checkpoint(
     step: int,
     model: torch.nn.Module,
     core_config: MuddConfig,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Optimizers,
     trainer_state: dict,
     tokenizer_path: Path | None,
     is_main: bool,
     keep: int,
 ) -> Path | None:
     """Write checkpoint `step` atomically (rank 0 writes; every rank must call) and keep the newest `keep`."""
-    model_sd, optim_sd = full_state(model, optimizer)
+    model_sd, optim_sd = full_state(model, optimizers)
     final = step_dir(root, step)
     if is_main:
         with atomic_dir(final) as tmp_name:
@@ -128,7 +132,7 @@ class Resumed:
 def load_checkpoint(
     folder: Path,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Optimizers,
     core_config: MuddConfig,
     training: dict | None = None,
 ) -> Resumed:
@@ -168,7 +172,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {folder} does not fit the model (first missing: {missing[:1]})")
     set_state_dict(
         model,
-        optimizer,
+        optimizers,
         model_state_dict=tensors,
         optim_state_dict=extra["optimizer"],
         options=StateDictOptions(full_state_dict=True),
@@ -180,7 +184,7 @@ def load_checkpoint(
 def resume_latest(
     root: Path,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Optimizers,
     core_config: MuddConfig,
     report,
     training: dict | None = None,
@@ -188,7 +192,7 @@ def resume_latest(
     """Load the newest checkpoint that reads cleanly; report each broken one and fall back to the previous."""
     for step, folder in reversed(list_checkpoints(root)):
         try:
-            return load_checkpoint(folder, model, optimizer, core_config, training)
+            return load_checkpoint(folder, model, optimizers, core_config, training)
         except RunMismatch:
             raise
         except CheckpointError as e:

@@ -12,7 +12,7 @@ from muddformer.adapters.transformers_checkpoints import config_from_transformer
 from muddformer.config import CONNECTIONS, MuddConfig
 from muddformer.data.shards import TokenData
 from muddformer.errors import ConfigError, DataError
-from muddformer.options import DECAY_SCOPES, PARALLELISMS, PRECISIONS, SCHEDULES, option
+from muddformer.options import DECAY_SCOPES, OPTIMIZERS, PARALLELISMS, PRECISIONS, SCHEDULES, option
 from muddformer.presets import PRESET_RECIPES
 from muddformer.training.recipes import (
     OVERRIDABLE,
@@ -49,6 +49,10 @@ class TrainConfig:
     global_batch: int | None = option(None, help="sequences per optimizer step over all ranks (sets --grad-accum)")
     seq_len: int | None = option(None, help="tokens per sequence (recipe default: min(256, block_size))")
     lr: float | None = option(None, help="peak learning rate")
+    optimizer: str | None = option(
+        None, choices=OPTIMIZERS, help="adamw, or muon: Muon for the blocks' matrices, AdamW for the rest"
+    )
+    muon_momentum: float | None = option(None, help="Muon's momentum (0.95)")
     warmup: float | None = option(None, help="linear warm-up as a share of --max-steps")
     schedule: str | None = option(None, choices=SCHEDULES, help="decay after warm-up")
     min_lr_ratio: float | None = option(None, help="final learning rate / peak")
@@ -71,6 +75,9 @@ class TrainConfig:
     generator_beta2: float | None = option(None, help="their AdamW beta2 (default: --beta2)")
     generator_weight_decay: float | None = option(None, help="their weight decay on matrices (default: --weight-decay)")
     generator_eps: float | None = option(None, help="their AdamW epsilon (default: --eps)")
+    generator_optimizer: str | None = option(
+        None, choices=OPTIMIZERS, help="adamw, or muon for their matrices (MUDD's W1, W2)"
+    )
     prior_lr_mult: float | None = option(
         None, help="learning-rate multiplier of the static priors (MUDD's dense_bs, ...)"
     )

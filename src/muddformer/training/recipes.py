@@ -11,7 +11,8 @@ decay; the body's vectors (norm weights, biases) without; the connection's own l
 norms) with their own learning-rate multiplier, betas, epsilon and weight decay (vectors not decayed, except the
 projections stored as vectors, such as HC's dynamic beta, which are decayed like matrices); its
 static priors (MUDD's `dense_bs`, HC's and mHC's static mixing weights) never decayed, with their
-own learning-rate multiplier.
+own learning-rate multiplier. With `optimizer="muon"` the blocks' 2-D matrices train on Muon instead
+(group `muon_matrices`), with `generator_optimizer="muon"` the connection's (`generator_muon_matrices`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from muddformer.errors import ConfigError
-from muddformer.options import DECAY_SCOPES, PRECISIONS, SCHEDULES
+from muddformer.options import DECAY_SCOPES, OPTIMIZERS, PRECISIONS, SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Recipe:
     name: str
     follows: str
     lr: float  # peak learning rate
+    optimizer: str = "adamw"  # or "muon": Muon for the blocks' 2-D matrices, AdamW for the rest (optimizers.py)
+    muon_momentum: float = 0.95
     warmup: float = 0.01  # linear warm-up, as a share of the run's steps
     schedule: str = "cosine"  # decay after warm-up: cosine or linear to min_lr_ratio x peak, or constant
     min_lr_ratio: float = 0.1
@@ -53,6 +56,7 @@ class Recipe:
     generator_beta2: float | None = None
     generator_weight_decay: float | None = None
     generator_eps: float | None = None
+    generator_optimizer: str = "adamw"  # or "muon": the connection's 2-D matrices (MUDD's W1, W2) on Muon
     prior_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
@@ -66,6 +70,11 @@ class Recipe:
             fail("dtype", f"must be one of {', '.join(PRECISIONS)}")
         if self.weight_decay_on not in DECAY_SCOPES:
             fail("weight_decay_on", f"must be one of {', '.join(DECAY_SCOPES)}")
+        for field in ("optimizer", "generator_optimizer"):
+            if getattr(self, field) not in OPTIMIZERS:
+                fail(field, f"must be one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.muon_momentum < 1:
+            fail("muon_momentum", "must be in [0, 1)")
         for field in ("lr", "eps", "batch_size", "generator_lr_mult", "max_steps"):
             if not getattr(self, field) > 0:
                 fail(field, "must be positive")
@@ -195,19 +204,23 @@ def get_recipe(name: str) -> Recipe:
 
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
-    """AdamW parameter groups of a MuddModel by role (module docstring). Each group carries `name` and
-    `lr_mult` (the loop sets lr = schedule x lr_mult); every trainable parameter is in exactly one group."""
+    """Optimizer parameter groups of a MuddModel by role (module docstring). Each group carries `name`, `lr_mult`
+    (the loop sets lr = schedule x lr_mult) and `optimizer` ("adamw" or "muon"); every trainable parameter is in
+    exactly one group."""
     connection = model.connection
     priors = {"connection." + name for name in connection.static_prior_names()}
     projections = {"connection." + name for name in connection.projection_vector_names()}
-    body = dict(betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
-    own = dict(betas=recipe.generator_betas, eps=recipe.generator_adam_eps)  # the connection's parameters
+    adamw = dict(optimizer="adamw", betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
+    own = dict(optimizer="adamw", betas=recipe.generator_betas, eps=recipe.generator_adam_eps)  # the connection's
+    muon = dict(optimizer="muon", momentum=recipe.muon_momentum)
     wd, gen_wd = recipe.weight_decay, recipe.generator_decay
     decay_all = recipe.weight_decay_on == "all"  # the official JAX code's AdamW decays every parameter
     settings = {
-        "matrices": dict(lr_mult=1.0, weight_decay=wd, **body),
-        "vectors": dict(lr_mult=1.0, weight_decay=wd if decay_all else 0.0, **body),
+        "matrices": dict(lr_mult=1.0, weight_decay=wd, **adamw),
+        "muon_matrices": dict(lr_mult=1.0, weight_decay=wd, **muon),
+        "vectors": dict(lr_mult=1.0, weight_decay=wd if decay_all else 0.0, **adamw),
         "generator_matrices": dict(lr_mult=recipe.generator_lr_mult, weight_decay=gen_wd, **own),
+        "generator_muon_matrices": dict(lr_mult=recipe.generator_lr_mult, weight_decay=gen_wd, **muon),
         "generator_vectors": dict(lr_mult=recipe.generator_lr_mult, weight_decay=gen_wd if decay_all else 0.0, **own),
         "priors": dict(lr_mult=recipe.prior_lr_mult, weight_decay=gen_wd if decay_all else 0.0, **own),
     }
@@ -215,12 +228,18 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        members[parameter_role(name, p.dim(), priors, projections)].append(p)
+        role = parameter_role(name, p.dim(), priors, projections)
+        if p.dim() == 2 and (
+            (role == "matrices" and recipe.optimizer == "muon" and name.startswith("layers."))
+            or (role == "generator_matrices" and recipe.generator_optimizer == "muon")
+        ):
+            role = role.replace("matrices", "muon_matrices")
+        members[role].append(p)
     return [dict(name=name, params=members[name], **settings[name]) for name in settings if members[name]]
 
 
 def parameter_role(name: str, ndim: int, priors: set[str], projections: set[str]) -> str:
-    """The parameter group of one MuddModel parameter, from its name and number of dimensions; `projections`
+    """The AdamW parameter group of one MuddModel parameter, from its name and number of dimensions; `projections`
     are vectors that count as matrices (a connection's projection_vectors)."""
     if name in priors:
         return "priors"

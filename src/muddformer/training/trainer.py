@@ -41,6 +41,7 @@ from muddformer.telemetry import ExpertTally, SpikeWatch, group_grad_norms
 from muddformer.training.checkpointing import list_checkpoints, remove_unfinished, resume_latest, save_checkpoint
 from muddformer.training.config import TrainConfig, model_config, training_identity, validate
 from muddformer.training.metrics import RunLog, environment, flops_per_token, peak_flops, plot_losses
+from muddformer.training.optimizers import build_optimizers
 from muddformer.training.parallel import DistInfo, all_reduce_mean, close_distributed, init_distributed, parallelize
 from muddformer.training.recipes import Recipe, param_groups
 from muddformer.training.schedule import lr_at
@@ -129,11 +130,11 @@ class Trainer:
         )
         self.use_autocast = lowp and tc.parallel != "fsdp"  # FSDP casts through its own policy
         fused = {"fused": True} if info.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(param_groups(self.core, recipe), lr=tc.lr, eps=tc.eps, **fused)
+        self.optimizer = build_optimizers(param_groups(self.core, recipe), tc.lr, fused)
         self.identity = training_identity(tc, recipe, seq_len, info.world, data)
         if info.is_main:  # it holds the run folder's lock (train)
             remove_unfinished(self.ckpt_root)
-        resumed = resume_latest(self.ckpt_root, self.model, self.optimizer, cfg, self.say, self.identity)
+        resumed = resume_latest(self.ckpt_root, self.model, self.optimizer.optimizers, cfg, self.say, self.identity)
         self.start = resumed.step if resumed else 0
         if resumed:
             self.say(f"resuming from {resumed.folder} (step {self.start})")
@@ -280,7 +281,7 @@ class Trainer:
             done,
             self.model,
             self.cfg,
-            self.optimizer,
+            self.optimizer.optimizers,
             meta,
             self.data.tokenizer_path,
             self.info.is_main,
