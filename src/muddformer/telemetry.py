@@ -14,7 +14,6 @@ from collections import deque
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 # A dynamic dense weight above this magnitude is reported as a blow-up (the static prior starts at 1).
 BLOWUP = 50.0
@@ -47,19 +46,25 @@ def group_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         if not grads:
             continue
         names.append(f"grad_norm/{group.get('name', len(names))}")
-        shards = [g for g in grads if isinstance(g, DTensor)]
+        shards = [g for g in grads if is_sharded(g)]
         for g in shards:
             if g.device_mesh.ndim != 1 or not all(p.is_shard() for p in g.placements):
                 raise NotImplementedError(f"gradient norms of DTensor placements {g.placements}")
             mesh = g.device_mesh
         sharded.append(sum_of_squares([g.to_local() for g in shards], grads[0].device))
-        whole.append(sum_of_squares([g for g in grads if not isinstance(g, DTensor)], grads[0].device))
+        whole.append(sum_of_squares([g for g in grads if not is_sharded(g)], grads[0].device))
     if not names:
         return {}
     shard_total = torch.stack(sharded)
     if mesh is not None:
         dist.all_reduce(shard_total, group=mesh.get_group())
     return dict(zip(names, (shard_total + torch.stack(whole)).sqrt().tolist()))
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (FSDP2's parameters and gradients); checked by its methods, so that the model's import of this
+    module needs no torch.distributed."""
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
 
 
 def sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
