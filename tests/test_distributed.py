@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,15 +32,14 @@ COMMON = SMALL + [
 ]
 
 
-def torchrun(args, out):
+def torchrun(args, out, program=("-m", "muddformer")):
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        "-m",
-        "muddformer",
+        *program,
         "train",
         *args,
         "--out",
@@ -176,7 +176,11 @@ def test_fsdp_with_accumulation_and_deferred_gradient_sync_equals_one_rank(play_
     proc = train_subprocess(args + ["--batch-size", "8", "--out", str(one)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "fsdp"
-    torchrun(args + ["--batch-size", "2", "--grad-accum", "2", "--parallel", "fsdp", "--fsdp-defer-grad-sync"], two)
+    spy = str(Path(__file__).parent / "spy_gradient_sync.py")
+    flags = ["--batch-size", "2", "--grad-accum", "2", "--parallel", "fsdp", "--fsdp-defer-grad-sync"]
+    proc = torchrun(args + flags, two, program=(spy,))
+    # Each rank, each of the 3 steps: no reduce-scatter after the first micro-batch, one after the second.
+    assert proc.stdout.count("gradient sync: False True False True False True\n") == 2, proc.stdout[-1000:]
     ref, got = [r for r in metrics(one) if "loss" in r], [r for r in metrics(two) if "loss" in r]
     assert [r["step"] for r in ref] == [r["step"] for r in got]
     for a, b in zip(ref, got):

@@ -11,6 +11,7 @@ import torch
 from conftest import build, nano_run
 from test_train import assert_same_weights
 
+from muddformer.errors import ConfigError
 from muddformer.training.optimizers import build_optimizers
 from muddformer.training.recipes import get_recipe, param_groups
 from muddformer.training.trainer import train
@@ -40,6 +41,16 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(generator_optimizer):
     optimizers = build_optimizers(groups, 1e-3, {})
     assert [type(o).__name__ for o in optimizers.optimizers] == ["AdamW", "Muon"]
     assert optimizers.param_groups == [g for o in optimizers.optimizers for g in o.param_groups]
+
+
+def test_muon_without_matrices_to_train_or_without_torch_muon_is_a_clear_error(monkeypatch):
+    recipe = get_recipe("cpu").replace(generator_optimizer="muon")
+    with pytest.raises(ConfigError, match="the 'residual' connection has no learned matrices for Muon to train"):
+        param_groups(build(connection="residual"), recipe)
+    groups = param_groups(build(connection="mudd"), recipe)
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ConfigError, match=r"Muon needs torch >= 2.9 \(torch.optim.Muon\), this is .*; use AdamW"):
+        build_optimizers(groups, 1e-3, {})
 
 
 def test_a_muon_step_is_an_orthogonalised_update():

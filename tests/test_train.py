@@ -189,6 +189,7 @@ def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_pa
     run = tmp_path / "run"
     assert run_cli("train", *args, "--max-steps", "4", "--out", run).returncode == 0
     faster = ["--set", "recompute_mix=true", "--set", "mix_impl=reference", "--set", "attn_impl=reference"]
+    faster += ["--set", "init_method=neox"]  # how a fresh model would start: nothing to a resumed one
     resumed = run_cli("train", *args, *faster, "--max-steps", "8", "--out", run)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
@@ -200,7 +201,7 @@ def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_pa
         f"is {now:.3g} instead of {before:.3g}"
     ) in resumed.stdout
     refused = run_cli("train", *args, "--set", "dense_hidden=16", "--max-steps", "12", "--out", run)
-    assert refused.returncode == 2 and "different config" in refused.stderr
+    assert refused.returncode == 2 and "different config (dense_hidden 0 there, 16 here)" in refused.stderr
     # The optimizer's settings, the batch, the seed and the data are the run's too (its optimizer state and
     # schedule belong to them): a change is refused, naming each, instead of resuming into a mixed run.
     for flags, named in (
@@ -215,6 +216,37 @@ def test_resume_may_change_how_the_model_computes_but_not_what(play_data, tmp_pa
         "weight_decay 0.1 there, 0.05 here)" in run_cli("train", *args, "--weight-decay", "0.05", "--out", run).stderr
     )
     assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [4, 8]
+
+
+@pytest.mark.slow
+def test_checkpoints_of_earlier_versions_resume_or_are_refused_in_one_line(play_data, tmp_path, run_cli):
+    args = SMALL + ["--data", str(play_data), "--save-every", "2", "--eval-every", "100", "--sample-tokens", "0"]
+    args += ["--connection", "hc", "--keep-checkpoints", "5"]
+    run = tmp_path / "run"
+    assert run_cli("train", *args, "--max-steps", "2", "--out", run).returncode == 0
+    step = run / "checkpoints" / "step_000002"
+    # Written before the optimizer options existed: its record lacks them, and it trained with one AdamW.
+    state = json.loads((step / "trainer_state.json").read_text())
+    for key in ("optimizer", "generator_optimizer", "generator_eps"):
+        del state["training"][key]
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    refused = run_cli("train", *args, "--optimizer", "muon", "--max-steps", "4", "--out", run)
+    assert_one_line_error(refused, "was trained with other settings (optimizer 'adamw' there, 'muon' here)")
+    refused = run_cli("train", *args, "--generator-eps", "1e-10", "--max-steps", "4", "--out", run)
+    assert_one_line_error(refused, "generator_eps 1e-08 there, 1e-10 here")
+    resumed = run_cli("train", *args, "--max-steps", "4", "--out", run)  # the same options: what it trained with
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+    # Grouped otherwise (HC's beta projection was in the undecayed group): refused, not carried over silently.
+    step = run / "checkpoints" / "step_000004"
+    saved = torch.load(step / "optimizer.pt", weights_only=False)
+    groups = {g["name"]: g for g in saved["optimizer"]["param_groups"]}
+    moved = next(p for p in groups["generator_matrices"]["params"] if p.endswith("dynamic_beta"))
+    groups["generator_matrices"]["params"].remove(moved)
+    groups["generator_vectors"]["params"].append(moved)
+    torch.save(saved, step / "optimizer.pt")
+    refused = run_cli("train", *args, "--max-steps", "6", "--out", run)
+    assert_one_line_error(refused, "groups the parameters otherwise (", "--init-from")
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4]
 
 
 @pytest.mark.slow

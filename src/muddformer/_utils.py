@@ -126,6 +126,7 @@ def fork_default_device_rng() -> Iterator[None]:
         with torch.random.fork_rng(devices=[]):
             yield
         return
-    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else getattr(module, "current_device", lambda: 0)()  # mps: none
     with torch.random.fork_rng(devices=[index], device_type=device.type):
         yield

@@ -28,11 +28,19 @@ INIT_METHODS = ("normal", "xavier", "neox")
 ATTN_IMPLS = ("sdpa", "reference")
 ROPE_SCALINGS = ("none", "llama3")
 MIX_IMPLS = ("auto", "reference", "matmul", "triton", "compiled")  # implemented in kernels/depth_mix.py
-# How a model computes rather than what (architecture, idea 7): a run may change them, e.g. on resume.
 # Fields that may be given as None (typed without it): __post_init__ derives them from the block family.
 DERIVED_FIELDS = ("intermediate_size", "norm_eps", "rotary_pct", "n_kv_head")
-# Weights of the training loss's extra terms: a run may change them too.
-EXECUTION_FIELDS = ("attn_impl", "mix_impl", "recompute_mix", "moe_aux_loss_weight", "moe_z_loss_weight")
+# Not what a model with given weights computes (architecture, idea 7): how it computes, the weights of the training
+# loss's extra terms, how a fresh model is initialised. A run may change them, e.g. on resume.
+EXECUTION_FIELDS = (
+    "attn_impl",
+    "mix_impl",
+    "recompute_mix",
+    "moe_aux_loss_weight",
+    "moe_z_loss_weight",
+    "init_method",
+    "init_std",
+)
 
 
 def find_multiple(n: int, k: int) -> int:

@@ -144,12 +144,16 @@ def load_checkpoint(
         saved_cfg = read_folder_config(str(folder))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {folder} is incomplete or corrupt ({e})") from None
-    if saved_cfg.architecture() != core_config.architecture():  # the execution fields may change on resume
+    theirs, ours = saved_cfg.architecture(), core_config.architecture()  # the execution fields may change on resume
+    if theirs != ours:
+        fields = [
+            f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(ours) if theirs.get(k) != ours[k]
+        ]
         raise RunMismatch(
-            f"checkpoint {folder} holds a model with a different config; "
+            f"checkpoint {folder} holds a model with a different config ({'; '.join(fields)}); "
             "use another --out for a new run, or the same options to resume"
         )
-    saved, current = state.get("training") or {}, training or {}
+    saved, current = with_legacy_defaults(state.get("training") or {}), training or {}
     changed = [
         f"{k} {saved[k]!r} there, {current[k]!r} here" for k in sorted(saved) if saved[k] != current.get(k, saved[k])
     ]
@@ -170,6 +174,7 @@ def load_checkpoint(
     if expected != model_keys:
         missing = sorted(model_keys - expected)
         raise CheckpointError(f"checkpoint {folder} does not fit the model (first missing: {missing[:1]})")
+    check_groups(folder, extra["optimizer"]["param_groups"], optimizers)
     set_state_dict(
         model,
         optimizers,
@@ -179,6 +184,30 @@ def load_checkpoint(
     )
     set_rng_state(extra["rng"])
     return Resumed(step=int(state["step"]), state=state, folder=folder)
+
+
+def with_legacy_defaults(saved: dict) -> dict:
+    """A checkpoint's training record with the settings added since it was written: what it trained with then (one
+    AdamW, the body's eps for the connection's parameters). A checkpoint with no record stays without one."""
+    if not saved:
+        return saved
+    legacy = {"optimizer": "adamw", "generator_optimizer": "adamw", "generator_eps": saved.get("eps")}
+    return {**legacy, **saved}
+
+
+def check_groups(folder: Path, saved_groups: list[dict], optimizers: Optimizers) -> None:
+    """RunMismatch unless the checkpoint's optimizer groups hold as many parameters each as this run's: a version
+    that groups them otherwise (HC's beta projection moved to the decayed group) would carry the state silently."""
+    current = [g for o in (optimizers if isinstance(optimizers, list) else [optimizers]) for g in o.param_groups]
+    sizes = [
+        {g.get("name", str(i)): len(g["params"]) for i, g in enumerate(groups)} for groups in (saved_groups, current)
+    ]
+    if sizes[0] != sizes[1]:
+        raise RunMismatch(
+            f"checkpoint {folder} groups the parameters otherwise ({sizes[0]} there, {sizes[1]} here): it was written "
+            f"by another version; resume it with that version, or start a new run from its weights (--init-from "
+            f"{folder})"
+        )
 
 
 def resume_latest(

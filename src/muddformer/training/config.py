@@ -190,6 +190,9 @@ def training_identity(tc: TrainConfig, recipe: Recipe, seq_len: int, world: int,
     """What a resumed run must share with its checkpoint (saved in it): the optimizer's settings and schedule, the
     sequences and tokens of a step, the seed and the data. --max-steps may grow; how it computes may change."""
     fixed = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name not in NOT_IDENTITY}
+    fixed["generator_eps"] = recipe.generator_adam_eps  # what the optimizer uses: None and --eps's value are one
+    if "muon" not in (recipe.optimizer, recipe.generator_optimizer):
+        del fixed["muon_momentum"]  # unused
     sequences = tc.batch_size * tc.grad_accum * world  # type: ignore[operator]  # both set once resolved
     return {
         **fixed,

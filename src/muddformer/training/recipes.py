@@ -235,6 +235,11 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
         ):
             role = role.replace("matrices", "muon_matrices")
         members[role].append(p)
+    if recipe.generator_optimizer == "muon" and not members["generator_muon_matrices"]:
+        raise ConfigError(
+            f"--generator-optimizer muon: the {model.config.connection!r} connection has no learned matrices for "
+            "Muon to train; leave it at adamw"
+        )
     return [dict(name=name, params=members[name], **settings[name]) for name in settings if members[name]]
 
 
