@@ -30,8 +30,9 @@ class Connection(nn.Module):
     # Last name parts of parameters that hold a static prior set by the init (an identity, a selection);
     # training exempts them from weight decay, which would pull the start towards zero.
     static_priors: tuple[str, ...] = ()
-    # Last name parts of vectors that are projections of the stream (weights a token's features multiply),
-    # grouped and decayed with the generator's matrices rather than with the norms.
+    # Last name parts of vectors that stand for a matrix of the method's paper (HC's beta projection, D x 1), grouped
+    # and decayed with the generator's matrices rather than with the norms. AttnRes's pseudo-queries are vectors in
+    # their paper too and stay with the undecayed vectors (no published setting decays them).
     projection_vectors: tuple[str, ...] = ()
 
     def __init__(self, cfg: MuddConfig):
