@@ -32,8 +32,8 @@ from muddformer.config import MuddConfig
 from muddformer.data.tokenizers import export_tokenizer
 from muddformer.errors import CheckpointError
 
-# The run's optimizers: one, or AdamW and Muon side by side (training/optimizers.py).
-Optimizers = torch.optim.Optimizer | list[torch.optim.Optimizer]
+# The run's optimizers: AdamW, or AdamW and Muon side by side (training/optimizers.py).
+Optimizers = list[torch.optim.Optimizer]
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 UNFINISHED_RE = re.compile(r"^\.step_\d{6,}\.")  # atomic_dir's temporary folder of a checkpoint
@@ -198,7 +198,7 @@ def with_legacy_defaults(saved: dict) -> dict:
 def check_groups(folder: Path, saved_groups: list[dict], optimizers: Optimizers) -> None:
     """RunMismatch unless the checkpoint's optimizer groups hold as many parameters each as this run's: a version
     that groups them otherwise (HC's beta projection moved to the decayed group) would carry the state silently."""
-    current = [g for o in (optimizers if isinstance(optimizers, list) else [optimizers]) for g in o.param_groups]
+    current = [g for o in optimizers for g in o.param_groups]
     sizes = [
         {g.get("name", str(i)): len(g["params"]) for i, g in enumerate(groups)} for groups in (saved_groups, current)
     ]
