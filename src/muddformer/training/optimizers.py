@@ -95,5 +95,6 @@ def orthogonalised_whole(update: torch.Tensor, group: dict) -> torch.Tensor:
         return _zeropower_via_newtonschulz(update, *settings)
     from torch.distributed.tensor import distribute_tensor
 
-    whole = _zeropower_via_newtonschulz(update.full_tensor(), *settings)
+    # torch's iteration starts by rounding to bfloat16: gathering the rounded shards moves half the bytes, same bits
+    whole = _zeropower_via_newtonschulz(update.bfloat16().full_tensor(), *settings)
     return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
