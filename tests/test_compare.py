@@ -350,7 +350,12 @@ def test_report_from_the_small_files_alone(small_data, tmp_path, capsys):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["compare", "--report", "--out", str(kept)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "mudd/seed1 ended with validation loss nan; compare finite runs" in err
+    assert err.count("\n") == 1 and "mudd/seed1 has validation loss nan at step 2; compare finite runs" in err
+    records[-1 if "val_loss" in records[-1] else -2]["val_loss"] = 5.0
+    next(r for r in records if "val_loss" in r)["val_loss"] = math.inf  # a curve's point: the multiplier's input
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["compare", "--report", "--out", str(kept)]) == 2
+    assert "mudd/seed1 has validation loss inf at step 1; compare finite runs" in capsys.readouterr().err
     (kept / "runs" / "mudd" / "seed1" / "metrics.jsonl").write_text("")
     assert main(["compare", "--report", "--out", str(kept)]) == 2
     err = capsys.readouterr().err
@@ -387,7 +392,7 @@ def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, caps
         expected = None if steps[key] is None else steps[key] * flops["residual"] / flops["mudd"]
         assert in_flops[key] == pytest.approx(expected), key
     assert set(summary["targets"]) == {
-        "p < 0.01 against residual",
+        "p < 0.01 against residual (two-sided Welch, MUDD lower)",
         "seed std <= 2x residual's",
         "compute multiplier >= 1.5",
     }
@@ -412,6 +417,33 @@ def test_evidence_report_tests_the_depth_gain_with_welchs_t_over_four_groups():
     assert difference_of_gains((-0.3, []), deep)["p"] is None  # one seed: no variance
 
 
+def test_the_evidence_report_divides_the_multiplier_by_the_baselines_own_reading_of_its_longer_curve():
+    script = Path(__file__).parents[1] / "scripts" / "experiments" / "evidence_report.py"
+    versus = runpy.run_path(str(script))["versus"]
+
+    def connection(finals, flops):
+        return {"final_val_loss": finals, "mean": sum(finals) / len(finals), "flops_per_token": flops}
+
+    results = {
+        "baseline": "residual",
+        "steps": 500,
+        "baseline_long": {"steps": 1000, "curve": {"step": [250, 500, 750, 1000], "mean": [5.0, 4.8, 4.6, 4.5]}},
+        "connections": {"residual": connection([4.7, 4.7], 100.0), "mudd": connection([4.55, 4.55], 102.0)},
+    }
+    v = versus(results, "mudd", "residual")
+    assert v["baseline_own"] == pytest.approx(625 / 500)  # 4.7: halfway between steps 500 and 750
+    assert v["multiplier"]["multiplier"] == pytest.approx(875 / 500)  # 4.55: 875 steps of residual
+    assert v["multiplier_flops"]["multiplier"] == pytest.approx(1.75 * 100 / 102)
+    assert v["multiplier_flops_relative"]["multiplier"] == pytest.approx(1.75 * 100 / 102 / 1.25)
+    results["connections"]["mudd"] = connection([4.4, 4.4], 102.0)  # below the whole curve: bounds scale too
+    v = versus(results, "mudd", "residual")
+    assert v["multiplier_flops_relative"]["lower_bound"] == pytest.approx(2.0 * 100 / 102 / 1.25)
+    del results["baseline_long"]  # on the baseline's own curve there is nothing to divide by
+    results["connections"]["residual"]["curve"] = {"step": [250, 500], "mean": [5.0, 4.7]}
+    v = versus(results, "mudd", "residual")
+    assert v["baseline_own"] is None and v["multiplier_flops_relative"] is None
+
+
 def test_the_multiplier_target_is_undetermined_when_only_a_bound_on_the_wrong_side_is_known():
     script = Path(__file__).parents[1] / "scripts" / "experiments" / "evidence_report.py"
     reaches = runpy.run_path(str(script))["reaches"]
@@ -430,6 +462,8 @@ def test_non_finite_losses_give_no_test_and_no_multiplier():
     assert compute_multiplier([10, 20], [5.0, 4.0], math.nan, 20) == dict.fromkeys(
         ("multiplier", "step", "lower_bound", "upper_bound")
     )
+    with pytest.raises(ValueError, match="needs a finite baseline curve"):  # not a silent NaN multiplier
+        compute_multiplier([10, 20, 30], [5.0, math.nan, 4.0], 4.5, 20)
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,9 @@ runs finished so that the analysis is fixed in advance:
 - MUDD against residual and against DDFormer (Δ, p, d, multiplier in FLOPs: the steps' multiplier times the
   other's training FLOPs per token over MUDD's, and in steps; against DDFormer the multiplier reads
   DDFormer's own curve, so it is a bound when MUDD ends below DDFormer's last point);
-- the targets (p < 0.01 against residual, seed std at most 2x residual's, multiplier in FLOPs >= 1.5) as met or
-  missed;
+- the targets (p < 0.01 against residual, seed std at most 2x residual's, multiplier in FLOPs >= 1.5) as met,
+  missed or not determined; beside the multiplier's, residual's own shorter run read on its longer curve and the
+  multiplier divided by that (the planned target reads the undivided one);
 - depth: MUDD's gain over residual at 6 and at 18 layers and the difference of the two gains, with its
   standard error and Welch's t-test over the four groups (Welch-Satterthwaite degrees of freedom).
 
@@ -77,21 +78,32 @@ def main_table(results: dict) -> list[str]:
     return rows
 
 
+def scaled(multiplier: dict, factor: float | None) -> dict | None:
+    """A multiplier's value and bounds times `factor` (None: not known); `step` stays in steps."""
+    if factor is None:
+        return None
+    return {k: v * factor if k in BOUNDS and v is not None else v for k, v in multiplier.items() if k != "relative"}
+
+
 def versus(results: dict, a: str, b: str) -> dict:
-    """a against b: Δ of the means, the test, and the multiplier read on b's own mean curve."""
+    """a against b: Δ of the means, the test, and the multiplier read on b's own mean curve. On the baseline's
+    longer curve also `baseline_own` (where the baseline's own final loss lies on it, in steps: a longer run's
+    learning rate is still high where a shorter one's has decayed) and `multiplier_flops_relative` (the FLOPs
+    multiplier divided by that)."""
     ra, rb = results["connections"][a], results["connections"][b]
-    curve = (
-        results["baseline_long"]["curve"] if b == results["baseline"] and results.get("baseline_long") else rb["curve"]
-    )
+    long = b == results["baseline"] and results.get("baseline_long")
+    curve = results["baseline_long"]["curve"] if long else rb["curve"]
     steps = compute_multiplier(curve["step"], curve["mean"], ra["mean"], results["steps"])
     # In compute: a step of `a` costs flops_a / flops_b of b's (MUDD's mix and generators: a few % on these models).
-    ratio = rb["flops_per_token"] / ra["flops_per_token"]
-    flops = {k: v * ratio if k in BOUNDS and v is not None else v for k, v in steps.items() if k != "relative"}
+    flops = scaled(steps, rb["flops_per_token"] / ra["flops_per_token"])
+    own = compute_multiplier(curve["step"], curve["mean"], rb["mean"], results["steps"])["multiplier"] if long else None
     return {
         "delta": ra["mean"] - rb["mean"],
         **difference_test(ra["final_val_loss"], rb["final_val_loss"]),
         "multiplier": steps,
         "multiplier_flops": flops,
+        "baseline_own": own,
+        "multiplier_flops_relative": scaled(flops, 1 / own) if own else None,
     }
 
 
@@ -134,14 +146,16 @@ def main() -> None:
             f"({format_multiplier(v['multiplier'])} in steps)"
         )
     m, r = (main_results["connections"][n] for n in ("mudd", "residual"))
-    mult = summary["mudd_vs"]["residual"]["multiplier_flops"]  # the paper's multiplier is in compute
+    against = summary["mudd_vs"]["residual"]
+    mult = against["multiplier_flops"]  # the paper's multiplier is in compute
+    p = m["welch"]["p"]
     targets = {
-        "p < 0.01 against residual": (
-            m["welch"]["p"] is not None and m["welch"]["p"] < 0.01 and m["mean"] < r["mean"],
+        "p < 0.01 against residual (two-sided Welch, MUDD lower)": (
+            None if p is None else p < 0.01 and m["mean"] < r["mean"],
             f"p {format_p(m['welch'])}, Δ {m['delta_vs_baseline']:+.4f}",
         ),
         "seed std <= 2x residual's": (
-            None not in (m["std"], r["std"]) and m["std"] <= 2 * r["std"],
+            None if None in (m["std"], r["std"]) else m["std"] <= 2 * r["std"],
             f"{fmt(m['std'], '.4f')} against {fmt(r['std'], '.4f')}",
         ),
         "compute multiplier >= 1.5": (reaches(mult, 1.5), format_multiplier(mult)),
@@ -150,6 +164,17 @@ def main() -> None:
     lines += ["", "| target | met | value |", "|---|---|---|"]
     verdict = {True: "yes", False: "no", None: "not determined"}
     lines += [f"| {k} | {verdict[ok]} | {text} |" for k, (ok, text) in targets.items()]
+    if against["baseline_own"] is not None:
+        relative = against["multiplier_flops_relative"]
+        lines.append(
+            f"\nThe multiplier target reads MUDD's loss on residual's {main_results['baseline_long']['steps']}-step "
+            f"curve, as planned. On that curve residual's own {main_results['steps']}-step loss lies at "
+            f"{against['baseline_own']:.2f}x (at step {main_results['steps']} the longer run's learning rate is "
+            f"still high where the shorter run's has decayed); divided by that, MUDD's multiplier is "
+            f'{format_multiplier(relative)} in FLOPs, which would read "{verdict[reaches(relative, 1.5)]}". '
+            "Past that step the longer run also repeats more of the small training corpus, which flattens its curve "
+            "where MUDD's loss is read."
+        )
     if depth is not None:
         shallow, deep = gain(main_results), gain(depth)
         test = difference_of_gains(shallow, deep)

@@ -68,17 +68,24 @@ def val_curve(runs: list[list[dict]]) -> dict:
     }
 
 
-def connection_results(cc: CompareConfig, connection: str, data: str, out: Path) -> dict:
-    """One connection's figures from its run folders: losses over seeds, curve, speed, memory, size."""
-    runs = [read_records(run_folder(out, connection, seed)) for seed in cc.seeds]
-    first = json.loads((run_folder(out, connection, cc.seeds[0]) / "run.json").read_text())
-    finals = [final_val_loss(records, cc.steps) for records in runs]
-    for seed, final in zip(cc.seeds, finals):
-        if final is not None and not math.isfinite(final):  # a mean, a test or a multiplier of it means nothing
+def finite_records(folder: Path) -> list[dict]:
+    """A run's records, refused if any validation loss is not finite: a mean, a test or a multiplier of it (the
+    curves' points too) would mean nothing."""
+    records = read_records(folder)
+    for r in records:
+        if "val_loss" in r and not math.isfinite(r["val_loss"]):
             raise InputError(
-                f"run {run_folder(out, connection, seed)} ended with validation loss {final}; compare finite runs "
+                f"run {folder} has validation loss {r['val_loss']} at step {r['step']}; compare finite runs "
                 "(train that one again at a lower --lr, or leave its connection out)"
             )
+    return records
+
+
+def connection_results(cc: CompareConfig, connection: str, data: str, out: Path) -> dict:
+    """One connection's figures from its run folders: losses over seeds, curve, speed, memory, size."""
+    runs = [finite_records(run_folder(out, connection, seed)) for seed in cc.seeds]
+    first = json.loads((run_folder(out, connection, cc.seeds[0]) / "run.json").read_text())
+    finals = [final_val_loss(records, cc.steps) for records in runs]
     params, seq_len = first["parameters"]["total"], first["seq_len"]
     cfg = model_config(train_config(cc, connection, 0, data, out, progress=False))
     cuda_peaks = [r["max_memory_gb"] for records in runs for r in records if "max_memory_gb" in r]
@@ -111,7 +118,7 @@ def collect_results(cc: CompareConfig, data: str, out: Path) -> dict:
     curve = base["curve"]
     long = None
     if cc.baseline_steps:
-        curve = val_curve([read_records(run_folder(out, cc.baseline, seed, cc.baseline_steps)) for seed in cc.seeds])
+        curve = val_curve([finite_records(run_folder(out, cc.baseline, seed, cc.baseline_steps)) for seed in cc.seeds])
         long = {"steps": cc.baseline_steps, "curve": curve}
     for name, r in per.items():
         r["delta_vs_baseline"] = r["mean"] - base["mean"]

@@ -103,6 +103,8 @@ def compute_multiplier(
     result = {"multiplier": None, "step": None, "lower_bound": None, "upper_bound": None}
     if not base_steps or len(base_steps) != len(base_losses) or method_steps <= 0:
         raise ValueError("compute_multiplier needs a non-empty baseline curve and method_steps > 0")
+    if not all(math.isfinite(loss) for loss in base_losses):  # the running minimum would step over a NaN
+        raise ValueError(f"compute_multiplier needs a finite baseline curve, not {base_losses}")
     if not math.isfinite(method_final_loss):  # no step reaches a NaN: neither a value nor a bound
         return result
     best = list(base_losses)
