@@ -10,6 +10,7 @@ experts' stacked (3-D) matrices and every vector stay on AdamW, as in the speedr
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import distribute_tensor
 
 from muddformer.errors import ConfigError
 from muddformer.telemetry import is_sharded
@@ -93,8 +94,6 @@ def orthogonalised_whole(update: torch.Tensor, group: dict) -> torch.Tensor:
     settings = (group["ns_coefficients"], group["ns_steps"], group["eps"])
     if not is_sharded(update):
         return _zeropower_via_newtonschulz(update, *settings)
-    from torch.distributed.tensor import distribute_tensor
-
     # torch's iteration starts by rounding to bfloat16: gathering the rounded shards moves half the bytes, same bits
     whole = _zeropower_via_newtonschulz(update.bfloat16().full_tensor(), *settings)
     return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
