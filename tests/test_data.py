@@ -1,6 +1,9 @@
 """`mudd prepare`, the bundled corpus and batch sampling."""
 
+import bz2
+import gzip
 import json
+import lzma
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,101 @@ def test_prepare_text_jsonl_and_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def plays_as_records(tmp_path) -> tuple[list[str], Path]:
+    """Forty documents (speeches of the bundled plays) as a .jsonl file."""
+    plays = bundled_plays()[:2]
+    docs = [speech for p in plays for speech in p["text"].split("\n\n")[1:21]]
+    path = tmp_path / "speeches.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(docs)))
+    return docs, path
+
+
+def shards_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.bin"))}
+
+
+def test_prepare_reads_every_format_and_compression_alike(tmp_path, play_data):
+    docs, jsonl = plays_as_records(tmp_path)
+    tokenizer = str(play_data / "tokenizer.json")
+    plain = prepare([str(jsonl)], tmp_path / "plain", tokenizer=tokenizer, val_documents=4)
+    formats = tmp_path / "formats"
+    formats.mkdir()
+    raw = jsonl.read_bytes()
+    for name, packed in (("gz", gzip.compress(raw)), ("bz2", bz2.compress(raw)), ("xz", lzma.compress(raw))):
+        (formats / f"speeches.jsonl.{name}").write_bytes(packed)
+        out = tmp_path / name
+        assert prepare([str(formats / f"speeches.jsonl.{name}")], out, tokenizer=tokenizer, val_documents=4) == {
+            **plain,
+            "fingerprint": json.loads((out / "meta.json").read_text())["fingerprint"],
+            "source": str(formats / f"speeches.jsonl.{name}"),
+        }
+        assert shards_of(out) == shards_of(tmp_path / "plain"), name
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"n": list(range(len(docs))), "text": docs})
+    pq.write_table(table, formats / "speeches.parquet", row_group_size=7)  # rows read across row groups
+    prepare([str(formats / "speeches.parquet")], tmp_path / "pq", tokenizer=tokenizer, val_documents=4)
+    assert shards_of(tmp_path / "pq") == shards_of(tmp_path / "plain")
+    with pytest.raises(DataError, match=r"speeches.parquet has no column 'body' \(it has n, text\); pass --field"):
+        prepare([str(formats / "speeches.parquet")], tmp_path / "o", field="body")
+    # A folder: its four files in sorted order (.bz2, .gz, .xz, .parquet); the last 4 documents are the last file's.
+    prepare([str(formats)], tmp_path / "folder", tokenizer=tokenizer, val_documents=4)
+    train, val = (TokenData(tmp_path / "folder").splits[s].tokens for s in ("train", "val"))
+    assert val == plain["splits"]["val"]["tokens"]
+    assert train == 4 * plain["splits"]["train"]["tokens"] + 3 * plain["splits"]["val"]["tokens"]
+
+
+def test_prepare_holds_out_the_last_documents_and_reads_them_in_one_pass(tmp_path, play_data):
+    docs, jsonl = plays_as_records(tmp_path)
+    tok = load_tokenizer(play_data / "tokenizer.json")
+    meta = prepare([str(jsonl)], tmp_path / "d", tokenizer=str(play_data), val_documents=3, shard_tokens=500)
+    data = TokenData(tmp_path / "d")
+    expected = {
+        split: [i for d in texts for i in tok.encode(d).ids + [0]]
+        for split, texts in (("train", docs[:-3]), ("val", docs[-3:]))
+    }
+    for split, ids in expected.items():
+        got = np.concatenate([np.asarray(s) for s in data.splits[split].shards]).tolist()
+        assert got == ids, split
+    assert len(meta["splits"]["train"]["shards"]) > 2  # small shards, each ending at a document's end
+    assert all(np.asarray(s)[-1] == 0 for s in data.splits["train"].shards)
+    share = prepare([str(jsonl)], tmp_path / "share", tokenizer=str(play_data), val_fraction=0.1)
+    assert share["splits"]["val"]["tokens"] == sum(len(tok.encode(d).ids) + 1 for d in docs[-4:])  # 10 % of 40
+    with pytest.raises(DataError, match="--val-documents must be between 1 and 39 \\(the data has 40 documents\\)"):
+        prepare([str(jsonl)], tmp_path / "o", val_documents=40)
+
+
+def test_the_bpe_trains_on_a_sample_of_the_first_documents(tmp_path):
+    docs, jsonl = plays_as_records(tmp_path)
+    whole = prepare([str(jsonl)], tmp_path / "whole", vocab_size=300)
+    first = sum(len(d) for d in docs[:5])
+    sampled = prepare([str(jsonl)], tmp_path / "sample", vocab_size=300, tokenizer_sample_chars=first)
+    (tmp_path / "five.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:6]))
+    prepare([str(tmp_path / "five.jsonl")], tmp_path / "five", vocab_size=300, val_documents=1)  # trains on 5
+    bpe = {name: (tmp_path / name / "tokenizer.json").read_text() for name in ("whole", "sample", "five")}
+    assert bpe["sample"] == bpe["five"] != bpe["whole"]  # trained on the first five documents only
+    assert sampled["fingerprint"] != whole["fingerprint"]
+    with pytest.raises(DataError, match="tokenizer_sample_chars must be positive"):
+        prepare([str(jsonl)], tmp_path / "o", tokenizer_sample_chars=0)
+
+
+def test_prepare_names_a_damaged_or_unreadable_file(tmp_path):
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"cannot read .*bad.jsonl.gz \(.*\); is it a .jsonl.gz file\?"):
+        prepare([str(tmp_path / "bad.jsonl.gz")], tmp_path / "o")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 nope")
+    with pytest.raises(DataError, match=r"cannot read .*bad.parquet \(.*\); is it a parquet file\?"):
+        prepare([str(tmp_path / "bad.parquet")], tmp_path / "o")
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(DataError, match="a.jsonl.zst needs the zstandard package: pip install zstandard"):
+            prepare([str(tmp_path / "a.jsonl.zst")], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_prepare_refuses_bad_input(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         prepare([str(tmp_path / "missing.txt")], tmp_path / "o")
@@ -89,6 +187,11 @@ def test_prepare_cli(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--vocab-size", "280"]) == 0
     assert "vocabulary 280 (uint16)" in capsys.readouterr().out
     assert main(["prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d2")]) == 2
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": f"line {i} " * 20}) + "\n" for i in range(10)))
+    args = ["prepare", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "d3"), "--field", "body"]
+    assert main(args + ["--vocab-size", "280", "--val-documents", "2", "--tokenizer-sample-chars", "500"]) == 0
+    val = TokenData(tmp_path / "d3").splits["val"]
+    assert load_tokenizer(tmp_path / "d3").decode(np.asarray(val.shards[0]).tolist()).startswith("line 8 line 8")
 
 
 def test_truncated_shard_is_refused(tmp_path):

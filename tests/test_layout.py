@@ -27,6 +27,7 @@ CORE = (
 # The layers above the core, lowest first: a module may import its own layer and those before it.
 LAYERS = ("inference", "adapters", "data", "training", "evaluation", "experiments", "cli")
 OPTIONAL = ("triton", "lm_eval", "matplotlib", "yaml", "torch.utils.tensorboard", "muddformer.kernels.depth_mix_triton")
+OPTIONAL += ("pyarrow", "zstandard", "compression")  # mudd prepare: .parquet, .zst (compression: Python >= 3.14)
 # Deferred rather than optional: transformers takes seconds to import, so the package loads its adapter on first
 # use (muddformer.__getattr__, adapters/registration.py).
 DEFERRED = ("muddformer.adapters.hf",)

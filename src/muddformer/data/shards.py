@@ -11,14 +11,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from tqdm import tqdm
 
 from muddformer._utils import atomic_dir
-from muddformer.data.corpus import BUNDLED, bundled_split, cache_dir, read_documents, split_documents
+from muddformer.data.corpus import BUNDLED, bundled_split, cache_dir
+from muddformer.data.documents import (
+    count_documents,
+    documents,
+    files_fingerprint,
+    held_out,
+    input_files,
+    split_document,
+)
 from muddformer.data.tokenizers import TOKENIZER_NAME, eot_id, load_tokenizer, tokenizer_json, train_tokenizer
 from muddformer.errors import DataError
 
@@ -26,6 +37,11 @@ META_NAME = "meta.json"
 FORMAT = "mudd-tokens"
 FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 100_000_000
+# A byte-level BPE is trained on the first documents up to this many characters: its merges settle long before
+# a large corpus ends, and the trainer holds its word counts in memory.
+TOKENIZER_SAMPLE_CHARS = 1_000_000_000
+SPLITS = ("train", "val")
+ENCODE_BATCH = 256  # documents tokenised at a time (the tokenizer spreads a batch over the CPU's threads)
 
 
 # ---- the bundled corpus -----------------------------------------------------------------------
@@ -57,35 +73,98 @@ def prepare_documents(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     source: str = "",
     progress: bool = False,
+    tokenizer_sample_chars: int = TOKENIZER_SAMPLE_CHARS,
 ) -> dict:
-    """Tokenise split documents into `out`; returns its metadata. Skips the work if `out` is up to date."""
-    out = Path(out)
-    tok_text = None
-    if tokenizer is not None:
-        load_tokenizer(tokenizer)  # fail early on a missing or bad file
-        tok_text = tokenizer_json(tokenizer).read_text()
-    fingerprint = _fingerprint(
-        docs, {"tokenizer": tok_text, "vocab_size": None if tok_text else vocab_size, "shard_tokens": shard_tokens}
+    """Tokenise split documents held in memory into `out`; returns its metadata. Skips the work if `out` is up to
+    date (the documents' hashes and the options)."""
+    tok_text = _tokenizer_text(tokenizer)
+    options = {"tokenizer": tok_text, "vocab_size": None if tok_text else vocab_size, "shard_tokens": shard_tokens}
+    if not tok_text and sum(map(len, docs["train"])) > tokenizer_sample_chars:  # only a sample that cuts counts
+        options["tokenizer_sample_chars"] = tokenizer_sample_chars
+    return write_prepared(
+        out,
+        _fingerprint(docs, options),
+        lambda: iter(docs["train"]),
+        lambda: _labelled(docs),
+        sum(map(len, docs.values())),
+        docs,
+        tokenizer,
+        vocab_size,
+        shard_tokens,
+        source,
+        progress,
+        tokenizer_sample_chars,
     )
+
+
+def _tokenizer_text(tokenizer: str | os.PathLike | None) -> str | None:
+    if tokenizer is None:
+        return None
+    load_tokenizer(tokenizer)  # fail early on a missing or bad file
+    return tokenizer_json(tokenizer).read_text()
+
+
+def up_to_date(out: Path, fingerprint: str) -> dict | None:
+    """The metadata of `out` when it was prepared with this fingerprint and its files are whole."""
     meta_path = out / META_NAME
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            tokenizer_kept = (out / meta.get("tokenizer", TOKENIZER_NAME)).is_file()
-            if meta.get("fingerprint") == fingerprint and tokenizer_kept and shard_problem(out, meta) is None:
-                return meta  # else prepared again, which also repairs missing or truncated files
-        except json.JSONDecodeError:
-            pass
-    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(docs["train"], vocab_size)
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    tokenizer_kept = (out / meta.get("tokenizer", TOKENIZER_NAME)).is_file()
+    if meta.get("fingerprint") == fingerprint and tokenizer_kept and shard_problem(out, meta) is None:
+        return meta
+    return None  # prepared again, which also repairs missing or truncated files
+
+
+def tokenizer_sample(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The first documents, up to `max_chars` characters (at least one): what a BPE is trained on."""
+    seen = 0
+    for text in texts:
+        if seen and seen + len(text) > max_chars:
+            return
+        seen += len(text)
+        yield text
+
+
+def write_prepared(
+    out: str | os.PathLike,
+    fingerprint: str,
+    train_texts: Callable[[], Iterable[str]],
+    labelled_texts: Callable[[], Iterable[tuple[str, str]]],
+    n_texts: int,
+    split_names: Iterable[str],
+    tokenizer: str | os.PathLike | None,
+    vocab_size: int,
+    shard_tokens: int,
+    source: str,
+    progress: bool,
+    tokenizer_sample_chars: int,
+) -> dict:
+    """Train or load the tokenizer and write every (split, text) into its split's shards, in one pass over texts
+    that are read a batch at a time; `out` is replaced whole at the end (nothing half-written is left)."""
+    out = Path(out)
+    meta = up_to_date(out, fingerprint)
+    if meta is not None:
+        return meta
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    else:
+        tok = train_tokenizer(tokenizer_sample(train_texts(), tokenizer_sample_chars), vocab_size)
     eot = eot_id(tok)
     vocab = tok.get_vocab_size()
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     with atomic_dir(out) as tmp_name:
         tmp = Path(tmp_name)
-        splits = {
-            split: _write_split(tok, texts, eot, dtype, tmp, split, shard_tokens, progress)
-            for split, texts in docs.items()
-        }
+        writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in split_names}
+        bar = tqdm(total=n_texts, desc="tokenising", unit="doc", disable=not progress)
+        for batch in batched(labelled_texts(), ENCODE_BATCH):
+            for (split, _), enc in zip(batch, tok.encode_batch([text for _, text in batch])):
+                writers[split].add(enc.ids + ([eot] if eot is not None else []))
+            bar.update(len(batch))
+        bar.close()
         tok.save(str(tmp / TOKENIZER_NAME))
         meta = {
             "format": FORMAT,
@@ -93,7 +172,7 @@ def prepare_documents(
             "vocab_size": vocab,
             "dtype": np.dtype(dtype).name,
             "eot_id": eot,
-            "splits": splits,
+            "splits": {split: writer.close() for split, writer in writers.items()},
             "tokenizer": TOKENIZER_NAME,
             "source": source,
             "fingerprint": fingerprint,
@@ -102,35 +181,46 @@ def prepare_documents(
     return meta
 
 
-def _write_split(
-    tok, texts: list[str], eot: int | None, dtype, folder: Path, split: str, shard_tokens: int, progress: bool
-) -> dict:
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
-    shards, buf, total = [], [], 0
 
-    def flush() -> None:
-        name = f"{split}-{len(shards):05d}.bin"
-        np.concatenate(buf).astype(dtype).tofile(folder / name)
-        shards.append({"file": name, "tokens": int(sum(len(b) for b in buf))})
-        buf.clear()
+class ShardWriter:
+    """One split's shard files, appended to a document at a time; a shard is closed once it holds `shard_tokens`
+    tokens or more (documents are not cut), so memory stays at one document's ids."""
 
-    pending = 0
-    batch = 64
-    bar = tqdm(total=len(texts), desc=f"tokenising {split}", unit="doc", disable=not progress)
-    for start in range(0, len(texts), batch):
-        for enc in tok.encode_batch(texts[start : start + batch]):
-            ids = enc.ids + ([eot] if eot is not None else [])
-            buf.append(np.asarray(ids, dtype=np.int64))
-            pending += len(ids)
-            total += len(ids)
-            if pending >= shard_tokens:
-                flush()
-                pending = 0
-        bar.update(min(batch, len(texts) - start))
-    bar.close()
-    if buf:
-        flush()
-    return {"shards": shards, "tokens": total}
+    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.file: IO[bytes] | None = None
+        self.pending = self.total = 0
+
+    def add(self, ids: list[int]) -> None:
+        if self.file is None:
+            self.file = open(self.folder / f"{self.split}-{len(self.shards):05d}.bin", "wb")
+        np.asarray(ids, dtype=self.dtype).tofile(self.file)
+        self.pending += len(ids)
+        self.total += len(ids)
+        if self.pending >= self.shard_tokens:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self.file is not None
+        self.file.close()
+        self.shards.append({"file": Path(self.file.name).name, "tokens": self.pending})
+        self.file, self.pending = None, 0
+
+    def close(self) -> dict:
+        if self.file is not None:
+            self._close_shard()
+        return {"shards": self.shards, "tokens": self.total}
 
 
 def prepare(
@@ -143,21 +233,66 @@ def prepare(
     val_inputs: list[str] | None = None,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = False,
+    val_documents: int | None = None,
+    tokenizer_sample_chars: int = TOKENIZER_SAMPLE_CHARS,
 ) -> dict:
-    """`mudd prepare`: read text/.jsonl inputs, split off validation, tokenise into shards."""
-    docs = read_documents(inputs, field)
-    split = (
-        {"train": docs, "val": read_documents(val_inputs, field)} if val_inputs else split_documents(docs, val_fraction)
-    )
-    return prepare_documents(
-        split,
-        out,
-        tokenizer=tokenizer,
-        vocab_size=vocab_size,
-        shard_tokens=shard_tokens,
-        source=", ".join(inputs),
-        progress=progress,
-    )
+    """`mudd prepare`: documents streamed from files, the last ones held out for validation (or `val_inputs`),
+    tokenised into shards. Up to date when the files' bytes and the options are those of the last preparation."""
+    if tokenizer_sample_chars < 1:
+        raise DataError(f"tokenizer_sample_chars must be positive, got {tokenizer_sample_chars}")
+    files = input_files(inputs)
+    val_files = input_files(val_inputs) if val_inputs else []
+    tok_text = _tokenizer_text(tokenizer)
+    options = {
+        "field": field,
+        "val_fraction": None if val_files or val_documents is not None else val_fraction,
+        "val_documents": None if val_files else val_documents,
+        "tokenizer": tok_text,
+        "vocab_size": None if tok_text else vocab_size,
+        "tokenizer_sample_chars": None if tok_text else tokenizer_sample_chars,
+        "shard_tokens": shard_tokens,
+    }
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    h.update(files_fingerprint(files).encode() + files_fingerprint(val_files).encode())
+    fingerprint = h.hexdigest()
+    meta = up_to_date(Path(out), fingerprint)
+    if meta is not None:
+        return meta
+    n = count_documents(files, field, ", ".join(inputs))
+    train: Callable[[], Iterable[str]]
+    labelled: Callable[[], Iterable[tuple[str, str]]]
+    if val_files:
+        n += count_documents(val_files, field, ", ".join(val_inputs or []))
+
+        def train():
+            return documents(files, field)
+
+        def labelled():
+            return chain((("train", d) for d in train()), (("val", d) for d in documents(val_files, field)))
+    elif n == 1 and val_documents is None:  # one document (held in memory anyway): split by characters
+        docs = split_document(next(documents(files, field)), val_fraction)
+        n = 2
+
+        def train():
+            return iter(docs["train"])
+
+        def labelled():
+            return _labelled(docs)
+    else:
+        first_val = n - held_out(n, val_fraction, val_documents)
+
+        def train():
+            return islice(documents(files, field), first_val)
+
+        def labelled():
+            return ((("train", "val")[i >= first_val], d) for i, d in enumerate(documents(files, field)))
+
+    settings = (tokenizer, vocab_size, shard_tokens, ", ".join(inputs), progress, tokenizer_sample_chars)
+    return write_prepared(out, fingerprint, train, labelled, n, SPLITS, *settings)
+
+
+def _labelled(docs: dict[str, list[str]]) -> Iterator[tuple[str, str]]:
+    return ((split, d) for split, texts in docs.items() for d in texts)
 
 
 # ---- reading prepared data ----------------------------------------------------------------------
