@@ -77,25 +77,32 @@ def test_prepare_reads_every_format_and_compression_alike(tmp_path, play_data):
     formats = tmp_path / "formats"
     formats.mkdir()
     raw = jsonl.read_bytes()
-    for name, packed in (("gz", gzip.compress(raw)), ("bz2", bz2.compress(raw)), ("xz", lzma.compress(raw))):
-        (formats / f"speeches.jsonl.{name}").write_bytes(packed)
+    for stem, name, packed in (
+        ("a", "gz", gzip.compress(raw)),
+        ("b", "bz2", bz2.compress(raw)),
+        ("c", "xz", lzma.compress(raw)),
+    ):
+        path = formats / f"{stem}.jsonl.{name}"
+        path.write_bytes(packed)
         out = tmp_path / name
-        assert prepare([str(formats / f"speeches.jsonl.{name}")], out, tokenizer=tokenizer, val_documents=4) == {
+        assert prepare([str(path)], out, tokenizer=tokenizer, val_documents=4) == {
             **plain,
             "fingerprint": json.loads((out / "meta.json").read_text())["fingerprint"],
-            "source": str(formats / f"speeches.jsonl.{name}"),
+            "source": str(path),
         }
         assert shards_of(out) == shards_of(tmp_path / "plain"), name
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
     table = pa.table({"n": list(range(len(docs))), "text": docs})
-    pq.write_table(table, formats / "speeches.parquet", row_group_size=7)  # rows read across row groups
-    prepare([str(formats / "speeches.parquet")], tmp_path / "pq", tokenizer=tokenizer, val_documents=4)
+    pq.write_table(table, formats / "d.parquet", row_group_size=7)  # rows read across row groups
+    prepare([str(formats / "d.parquet")], tmp_path / "pq", tokenizer=tokenizer, val_documents=4)
     assert shards_of(tmp_path / "pq") == shards_of(tmp_path / "plain")
-    with pytest.raises(DataError, match=r"speeches.parquet has no column 'body' \(it has n, text\); pass --field"):
-        prepare([str(formats / "speeches.parquet")], tmp_path / "o", field="body")
-    # A folder: its four files in sorted order (.bz2, .gz, .xz, .parquet); the last 4 documents are the last file's.
+    with pytest.raises(DataError, match=r"d.parquet has no column 'body' \(it has n, text\); pass --field"):
+        prepare([str(formats / "d.parquet")], tmp_path / "o", field="body")
+    with pytest.raises(DataError, match=r"d.parquet's column 'n' holds int64, not text; pass --field"):
+        prepare([str(formats / "d.parquet")], tmp_path / "o", field="n")
+    # A folder: its four files in sorted order (a, b, c, d); the last 4 documents are the last file's.
     prepare([str(formats)], tmp_path / "folder", tokenizer=tokenizer, val_documents=4)
     train, val = (TokenData(tmp_path / "folder").splits[s].tokens for s in ("train", "val"))
     assert val == plain["splits"]["val"]["tokens"]
@@ -141,7 +148,7 @@ def test_prepare_names_a_damaged_or_unreadable_file(tmp_path):
     with pytest.raises(DataError, match=r"cannot read .*bad.jsonl.gz \(.*\); is it a .jsonl.gz file\?"):
         prepare([str(tmp_path / "bad.jsonl.gz")], tmp_path / "o")
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 nope")
-    with pytest.raises(DataError, match=r"cannot read .*bad.parquet \(.*\); is it a parquet file\?"):
+    with pytest.raises(DataError, match=r"cannot read .*bad.parquet \(.*\); is it a .parquet file\?"):
         prepare([str(tmp_path / "bad.parquet")], tmp_path / "o")
     try:
         import zstandard  # noqa: F401
@@ -232,3 +239,83 @@ def test_cache_folder_from_the_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path
     monkeypatch.setenv("MUDD_CACHE", "")  # an empty variable is unset, not the current folder
     assert cache_dir() == Path.home() / ".cache" / "muddformer"
+
+
+def test_prepare_keeps_its_inputs_and_other_folders_safe(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "a.txt").write_text("Once more unto the breach, dear friends, once more.\n" * 50)
+    for out in (tmp_path / "data", raw):  # writing would replace the folder, inputs and all
+        with pytest.raises(DataError, match="holds the input .*, which writing it would delete; choose another --out"):
+            prepare([str(raw)], out, vocab_size=280)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.md").write_text("keep me")
+    with pytest.raises(DataError, match="notes exists and is not a prepared data folder; give --out a new"):
+        prepare([str(raw)], tmp_path / "notes", vocab_size=280)
+    assert (raw / "a.txt").is_file() and (tmp_path / "notes" / "todo.md").read_text() == "keep me"
+    (raw / "a.txt.gz").write_bytes(gzip.compress((raw / "a.txt").read_bytes()))
+    with pytest.raises(DataError, match="a.txt and .*a.txt.gz look like one file, plain and compressed; keep one"):
+        prepare([str(raw)], tmp_path / "d", vocab_size=280)
+
+
+def test_prepare_reads_a_file_again_when_its_name_says_another_format(tmp_path):
+    lines = "".join(json.dumps({"text": f"speech {i}: " + "words " * 30}) + "\n" for i in range(20))
+    (tmp_path / "x.txt").write_text(lines)  # read as one text document, JSON and all
+    as_text = prepare([str(tmp_path / "x.txt")], tmp_path / "d", vocab_size=280)
+    (tmp_path / "x.txt").rename(tmp_path / "x.jsonl")  # the same bytes, now records
+    as_records = prepare([str(tmp_path / "x.jsonl")], tmp_path / "d", vocab_size=280)
+    assert as_records["fingerprint"] != as_text["fingerprint"]
+    assert as_records["splits"]["val"]["tokens"] < as_text["splits"]["val"]["tokens"]  # 1 record, not 5 % of it
+
+
+def test_prepare_takes_text_values_only(tmp_path):
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ["to be " * 20, None, "or not " * 20, "that is " * 20])
+    )
+    meta = prepare([str(tmp_path / "a.jsonl")], tmp_path / "d", vocab_size=280, val_documents=1)
+    tok = load_tokenizer(tmp_path / "d")
+    assert meta["splits"]["train"]["tokens"] == sum(len(tok.encode(t * 20).ids) + 1 for t in ("to be ", "or not "))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": 42}) + "\n")
+    with pytest.raises(DataError, match=r"b.jsonl:1's field 'text' holds int, not text; pass --field"):
+        prepare([str(tmp_path / "b.jsonl")], tmp_path / "o")
+
+
+def test_prepare_refuses_a_held_out_split_it_cannot_make(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 30}) + "\n" for i in range(3)))
+    (tmp_path / "one.txt").write_text("a single document " * 40)
+    with pytest.raises(DataError, match="--val-fraction 0.9 of 3 documents holds out all of them; lower it"):
+        prepare([str(tmp_path / "a.jsonl")], tmp_path / "o", val_fraction=0.9)
+    with pytest.raises(DataError, match="--val-documents needs two documents or more"):
+        prepare([str(tmp_path / "one.txt")], tmp_path / "o", val_documents=1)
+    with pytest.raises(DataError, match="give --val FILES or --val-documents N, not both"):
+        prepare([str(tmp_path / "a.jsonl")], tmp_path / "o", val_inputs=[str(tmp_path / "one.txt")], val_documents=1)
+    damaged = bytearray(gzip.compress((tmp_path / "a.jsonl").read_bytes()))
+    damaged[20:30] = b"\xff" * 10
+    (tmp_path / "a.jsonl.gz").write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"cannot read .*a.jsonl.gz \(.*\); is it a .jsonl.gz file\?"):
+        prepare([str(tmp_path / "a.jsonl.gz")], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenising_batches_are_bounded_in_texts_and_characters():
+    from muddformer.data.shards import batched
+
+    pairs = [("train", "x" * n) for n in (3, 3, 3, 10, 1, 1, 1, 1)]
+    sizes = [[len(t) for _, t in batch] for batch in batched(pairs, max_texts=3, max_chars=6)]
+    assert sizes == [[3, 3], [3], [10], [1, 1, 1], [1]]  # a text over the limit is a batch of its own
+
+
+def test_zstd_files_are_read_frame_after_frame_and_a_truncated_one_is_refused(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    docs = [json.dumps({"text": f"speech {i} " * 40}) + "\n" for i in range(30)]
+    compress = zstandard.ZstdCompressor().compress
+    (tmp_path / "a.jsonl").write_text("".join(docs))
+    frames = compress("".join(docs[:10]).encode()) + compress("".join(docs[10:]).encode())  # as pzstd writes
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "a.jsonl.zst").write_bytes(frames)
+    plain = prepare([str(tmp_path / "a.jsonl")], tmp_path / "plain", vocab_size=280)
+    packed = prepare([str(tmp_path / "z" / "a.jsonl.zst")], tmp_path / "packed", vocab_size=280)
+    assert packed["splits"] == plain["splits"] and shards_of(tmp_path / "packed") == shards_of(tmp_path / "plain")
+    (tmp_path / "z" / "a.jsonl.zst").write_bytes(frames[:-7])  # cut inside the last frame
+    with pytest.raises(DataError, match=r"cannot read .*a.jsonl.zst \(.*truncated.*\); is it a .jsonl.zst file\?"):
+        prepare([str(tmp_path / "z" / "a.jsonl.zst")], tmp_path / "o")

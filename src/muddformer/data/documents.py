@@ -46,12 +46,25 @@ def input_files(inputs: list[str]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and document_format(p))
             if not found:
                 raise DataError(f"folder {path} holds no .txt, .md, .jsonl or .parquet files (plain or compressed)")
+            refuse_copies(found)
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
             raise DataError(f"data path {path} does not exist")
     return files
+
+
+def refuse_copies(files: list[Path]) -> None:
+    """A folder's a.jsonl beside a.jsonl.gz is most likely one file kept twice: its documents would be read twice
+    (and held-out documents could repeat training ones)."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        compression = document_format(path)[1]  # type: ignore[index]  # the folder's files all have a format
+        plain = str(path)[: len(str(path)) - len(compression)].lower()
+        if plain in seen:
+            raise DataError(f"{seen[plain]} and {path} look like one file, plain and compressed; keep one of them")
+        seen[plain] = path
 
 
 def open_text(path: Path, compression: str) -> IO[str]:
@@ -69,7 +82,7 @@ def open_text(path: Path, compression: str) -> IO[str]:
 
 def zstd_reader(path: Path) -> IO[bytes]:
     try:
-        from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14
+        from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14: raises on a truncated file
 
         return zstd.open(path, "rb")
     except ImportError:
@@ -78,17 +91,59 @@ def zstd_reader(path: Path) -> IO[bytes]:
         import zstandard
     except ImportError:
         raise DataError(f"reading {path} needs the zstandard package: pip install zstandard") from None
-    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return io.BufferedReader(ZstdFrames(path, zstandard))
+
+
+class ZstdFrames(io.RawIOBase):
+    """A .zst file's bytes decompressed frame after frame. A file that ends inside a frame is an error, where the
+    zstandard package's own reader would end the text early without one."""
+
+    def __init__(self, path: Path, zstandard):
+        self.file, self.errors = open(path, "rb"), zstandard.ZstdError
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.frame, self.in_frame, self.out = self.decompressor.decompressobj(), False, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.out:
+            data = self.file.read(1 << 20)
+            if not data:
+                if self.in_frame:
+                    raise EOFError("the file ends inside a zstd frame: it is truncated")
+                return 0
+            self.out = self.decompress(data)
+        n = min(len(buffer), len(self.out))
+        buffer[:n], self.out = self.out[:n], self.out[n:]
+        return n
+
+    def decompress(self, data: bytes) -> bytes:
+        parts = []
+        try:
+            while data:
+                parts.append(self.frame.decompress(data))
+                self.in_frame = not self.frame.eof
+                if self.in_frame:
+                    break
+                data, self.frame = self.frame.unused_data, self.decompressor.decompressobj()
+        except self.errors as e:
+            raise OSError(f"zstd: {e}") from None
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def file_documents(path: Path, field: str) -> Iterator[str]:
     """The documents of one file, in order (empty ones included; `documents` drops them)."""
     kind = document_format(path) or (".txt", "")  # a file named explicitly is text unless its name says otherwise
     fmt, compression = kind
-    if fmt == PARQUET:
-        yield from parquet_documents(path, field)
-        return
     try:
+        if fmt == PARQUET:
+            yield from parquet_documents(path, field)
+            return
         with open_text(path, compression) as f:
             if fmt != ".jsonl":
                 yield f.read()
@@ -96,8 +151,10 @@ def file_documents(path: Path, field: str) -> Iterator[str]:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     yield jsonl_field(line, field, path, lineno)
-    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError) as e:
-        raise DataError(f"cannot read {path} ({e}); is it a {fmt}{compression} file?") from None
+    except DataError:
+        raise
+    except Exception as e:  # zlib, lzma, zstd, pyarrow and decoding errors share no base but Exception
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}); is it a {fmt}{compression} file?") from None
 
 
 def jsonl_field(line: str, field: str, path: Path, lineno: int) -> str:
@@ -107,26 +164,37 @@ def jsonl_field(line: str, field: str, path: Path, lineno: int) -> str:
         raise DataError(f"{path}:{lineno} is not valid JSON") from None
     if not isinstance(record, dict) or field not in record:
         raise DataError(f"{path}:{lineno} has no field {field!r}; pass --field with the text field's name")
-    return str(record[field])
+    return text_value(record[field], f"{path}:{lineno}'s field {field!r}")
+
+
+def text_value(value, where: str) -> str:
+    """A document's text: a string, or None (no text: skipped); anything else is an error, not its repr."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where} holds {type(value).__name__}, not text; pass --field with the text's name")
+    return value
 
 
 def parquet_documents(path: Path, field: str) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading {path} needs the pyarrow package: pip install pyarrow") from None
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow's errors have no common public base
-        raise DataError(f"cannot read {path} ({e}); is it a parquet file?") from None
-    if field not in table.schema_arrow.names:
+    table = pq.ParquetFile(path)
+    schema = table.schema_arrow
+    if field not in schema.names:
         raise DataError(
-            f"{path} has no column {field!r} (it has {', '.join(table.schema_arrow.names)}); pass --field "
-            "with the text column's name"
+            f"{path} has no column {field!r} (it has {', '.join(schema.names)}); pass --field with the text "
+            "column's name"
         )
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{path}'s column {field!r} holds {kind}, not text; pass --field with the text column's name")
     for batch in table.iter_batches(batch_size=PARQUET_ROWS, columns=[field]):
         for value in batch.column(0).to_pylist():
-            yield "" if value is None else str(value)
+            yield value or ""
 
 
 def documents(files: list[Path], field: str = "text") -> Iterator[str]:
@@ -146,9 +214,11 @@ def count_documents(files: list[Path], field: str, names: str) -> int:
 
 
 def files_fingerprint(files: list[Path]) -> str:
-    """A hash of the files' bytes, in order: their documents are the same when it is (cheaper than parsing)."""
+    """A hash of the files' bytes and formats (their names say how they are read), in order: their documents are
+    the same when it is (cheaper than parsing)."""
     h = hashlib.sha256()
     for path in files:
+        h.update("".join(document_format(path) or (".txt", "")).encode() + b"\0")
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -158,14 +228,20 @@ def files_fingerprint(files: list[Path]) -> str:
 
 
 def held_out(n: int, val_fraction: float, val_documents: int | None) -> int:
-    """How many documents, from the end, are held out for validation: `val_documents`, or the share."""
+    """How many documents, from the end, are held out for validation: `val_documents`, or the share; at least one
+    is left for training."""
     if val_documents is not None:
+        if n < 2:
+            raise DataError("--val-documents needs two documents or more; one document is split by --val-fraction")
         if not 0 < val_documents < n:
             raise DataError(f"--val-documents must be between 1 and {n - 1} (the data has {n} documents)")
         return val_documents
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    return max(1, round(n * val_fraction))
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise DataError(f"--val-fraction {val_fraction} of {n} documents holds out all of them; lower it")
+    return n_val
 
 
 def split_document(doc: str, val_fraction: float) -> dict[str, list[str]]:

@@ -42,6 +42,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 TOKENIZER_SAMPLE_CHARS = 1_000_000_000
 SPLITS = ("train", "val")
 ENCODE_BATCH = 256  # documents tokenised at a time (the tokenizer spreads a batch over the CPU's threads)
+ENCODE_BATCH_CHARS = 16_000_000  # and at most about this many characters
 
 
 # ---- the bundled corpus -----------------------------------------------------------------------
@@ -149,6 +150,10 @@ def write_prepared(
     meta = up_to_date(out, fingerprint)
     if meta is not None:
         return meta
+    if tokenizer_sample_chars < 1:
+        raise DataError(f"tokenizer_sample_chars must be positive, got {tokenizer_sample_chars}")
+    if out.is_dir() and not (out / META_NAME).is_file() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a prepared data folder; give --out a new or prepared folder")
     if tokenizer:
         tok = load_tokenizer(tokenizer)
     else:
@@ -160,8 +165,9 @@ def write_prepared(
         tmp = Path(tmp_name)
         writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in split_names}
         bar = tqdm(total=n_texts, desc="tokenising", unit="doc", disable=not progress)
-        for batch in batched(labelled_texts(), ENCODE_BATCH):
-            for (split, _), enc in zip(batch, tok.encode_batch([text for _, text in batch])):
+        encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the same ids without the offsets
+        for batch in batched(labelled_texts(), ENCODE_BATCH, ENCODE_BATCH_CHARS):
+            for (split, _), enc in zip(batch, encode([text for _, text in batch])):
                 writers[split].add(enc.ids + ([eot] if eot is not None else []))
             bar.update(len(batch))
         bar.close()
@@ -181,13 +187,17 @@ def write_prepared(
     return meta
 
 
-def batched(items: Iterable, size: int) -> Iterator[list]:
+def batched(labelled: Iterable[tuple[str, str]], max_texts: int, max_chars: int) -> Iterator[list]:
+    """(split, text) pairs in batches of at most `max_texts` texts and about `max_chars` characters (a longer text is
+    a batch of its own), so that memory follows the batch, not the documents' sizes."""
     batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
+    chars = 0
+    for item in labelled:
+        if batch and (len(batch) == max_texts or chars + len(item[1]) > max_chars):
             yield batch
-            batch = []
+            batch, chars = [], 0
+        batch.append(item)
+        chars += len(item[1])
     if batch:
         yield batch
 
@@ -238,10 +248,11 @@ def prepare(
 ) -> dict:
     """`mudd prepare`: documents streamed from files, the last ones held out for validation (or `val_inputs`),
     tokenised into shards. Up to date when the files' bytes and the options are those of the last preparation."""
-    if tokenizer_sample_chars < 1:
-        raise DataError(f"tokenizer_sample_chars must be positive, got {tokenizer_sample_chars}")
+    if val_inputs and val_documents is not None:
+        raise DataError("give --val FILES or --val-documents N, not both")
     files = input_files(inputs)
     val_files = input_files(val_inputs) if val_inputs else []
+    refuse_inputs_inside(Path(out), [*inputs, *(val_inputs or [])])
     tok_text = _tokenizer_text(tokenizer)
     options = {
         "field": field,
@@ -289,6 +300,15 @@ def prepare(
 
     settings = (tokenizer, vocab_size, shard_tokens, ", ".join(inputs), progress, tokenizer_sample_chars)
     return write_prepared(out, fingerprint, train, labelled, n, SPLITS, *settings)
+
+
+def refuse_inputs_inside(out: Path, inputs: list[str]) -> None:
+    """The output folder is replaced whole: it must not hold (or be) an input."""
+    final = out.resolve()
+    for item in inputs:
+        path = Path(item).resolve()
+        if path == final or final in path.parents:
+            raise DataError(f"--out {out} holds the input {item}, which writing it would delete; choose another --out")
 
 
 def _labelled(docs: dict[str, list[str]]) -> Iterator[tuple[str, str]]:

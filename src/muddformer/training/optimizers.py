@@ -78,7 +78,7 @@ if hasattr(torch.optim, "Muon"):
                 grads: list[torch.Tensor] = []
                 buffers: list[torch.Tensor] = []
                 self._init_group(group, params, grads, buffers)
-                momentum, lr = group["momentum"], group["lr"]
+                momentum, lr = group["momentum"], float(group["lr"])  # torch.optim takes a 1-element tensor too
                 for param, grad, buffer in zip(params, grads, buffers):
                     buffer.lerp_(grad, 1 - momentum)
                     update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
