@@ -285,6 +285,9 @@ def test_prepare_refuses_a_held_out_split_it_cannot_make(tmp_path):
     (tmp_path / "one.txt").write_text("a single document " * 40)
     with pytest.raises(DataError, match="--val-fraction 0.9 of 3 documents holds out all of them; lower it"):
         prepare([str(tmp_path / "a.jsonl")], tmp_path / "o", val_fraction=0.9)
+    for one_or_many in ("one.txt", "a.jsonl"):  # both ways to split check the share
+        with pytest.raises(DataError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
+            prepare([str(tmp_path / one_or_many)], tmp_path / "o", val_fraction=1.5)
     with pytest.raises(DataError, match="--val-documents needs two documents or more"):
         prepare([str(tmp_path / "one.txt")], tmp_path / "o", val_documents=1)
     with pytest.raises(DataError, match="give --val FILES or --val-documents N, not both"):

@@ -228,16 +228,14 @@ def files_fingerprint(files: list[Path]) -> str:
 
 
 def held_out(n: int, val_fraction: float, val_documents: int | None) -> int:
-    """How many documents, from the end, are held out for validation: `val_documents`, or the share; at least one
-    is left for training."""
+    """How many documents, from the end, are held out for validation: `val_documents`, or the share (in (0, 1),
+    checked by `prepare`); at least one is left for training."""
     if val_documents is not None:
         if n < 2:
             raise DataError("--val-documents needs two documents or more; one document is split by --val-fraction")
         if not 0 < val_documents < n:
             raise DataError(f"--val-documents must be between 1 and {n - 1} (the data has {n} documents)")
         return val_documents
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n_val = max(1, round(n * val_fraction))
     if n_val >= n:
         raise DataError(f"--val-fraction {val_fraction} of {n} documents holds out all of them; lower it")
@@ -246,7 +244,5 @@ def held_out(n: int, val_fraction: float, val_documents: int | None) -> int:
 
 def split_document(doc: str, val_fraction: float) -> dict[str, list[str]]:
     """A single document is split by characters: its last `val_fraction` is held out."""
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     cut = int(len(doc) * (1 - val_fraction))
     return {"train": [doc[:cut]], "val": [doc[cut:]]}

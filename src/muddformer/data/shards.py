@@ -250,6 +250,8 @@ def prepare(
     tokenised into shards. Up to date when the files' bytes and the options are those of the last preparation."""
     if val_inputs and val_documents is not None:
         raise DataError("give --val FILES or --val-documents N, not both")
+    if not val_inputs and val_documents is None and not 0 < val_fraction < 1:  # one check for both ways to split
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     files = input_files(inputs)
     val_files = input_files(val_inputs) if val_inputs else []
     refuse_inputs_inside(Path(out), [*inputs, *(val_inputs or [])])
