@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import SMALL, train_subprocess, weights
+from test_train import SMALL, train_in_process, weights
 
 from muddformer import MuddForCausalLM
 
@@ -64,7 +64,7 @@ def assert_close_weights(a, b, atol=1e-4):
 @pytest.fixture(scope="module")
 def single(play_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    proc = train_subprocess(COMMON + ["--data", str(play_data), "--batch-size", "8", "--out", str(out)])
+    proc = train_in_process(COMMON + ["--data", str(play_data), "--batch-size", "8", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -109,7 +109,7 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_back(play_data, single, two_
     MuddForCausalLM.from_pretrained(a / "checkpoints" / "step_000006")  # loads as a plain model folder
     for step in ("step_000006", "step_000009"):
         shutil.rmtree(a / "checkpoints" / step)
-    proc = train_subprocess(args + ["--batch-size", "8", "--out", str(a)])
+    proc = train_in_process(args + ["--batch-size", "8", "--out", str(a)])
     assert proc.returncode == 0 and "step_000003 (step 3)" in proc.stdout
     assert_close_weights(single / "checkpoints" / "step_000009", a / "checkpoints" / "step_000009")
     # A single process writes, FSDP2 resumes from step 6.
@@ -150,42 +150,28 @@ def test_fsdp_with_activation_checkpointing_and_compile(play_data, single, tmp_p
     MuddForCausalLM.from_pretrained(out / "checkpoints" / "step_000003")
 
 
-def test_experts_and_windows_under_fsdp_and_activation_checkpointing_equal_one_rank(play_data, tmp_path):
+def test_experts_windows_checkpointing_and_deferred_gradient_sync_under_fsdp_equal_one_rank(play_data, tmp_path):
+    # Two ranks x 2 micro-batches of 2 sequences, gradients reduce-scattered once a step: one rank's batch of 8.
     # Expert weights shard like any other parameter. The balance loss is a product of per-batch means, so it
-    # differs between one batch of 8 and two of 4: it is off here; the z-loss, a plain mean, stays on.
-    args = COMMON[:-2] + ["--data", str(play_data), "--max-steps", "3", "--set", "moe_experts=4"]
-    args += ["--set", "ffn_schedule=constant"]
-    args += ["--set", "moe_aux_loss_weight=0", "--set", "mix_impl=reference"]
+    # differs between one batch of 8 and batches of 2: it is off here; the z-loss, a plain mean, stays on.
+    args = COMMON[:-2] + ["--data", str(play_data), "--max-steps", "3", "--set", "mix_impl=reference"]
+    args += ["--set", "moe_experts=4", "--set", "ffn_schedule=constant", "--set", "moe_aux_loss_weight=0"]
     args += ["--set", "attn_window=5", "--set", "attn_global_every=2"]  # shorter than --seq-len: the band masks
     one = tmp_path / "one"
-    proc = train_subprocess(args + ["--batch-size", "8", "--out", str(one)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = tmp_path / "fsdp"
-    torchrun(args + ["--batch-size", "4", "--parallel", "fsdp", "--activation-checkpointing"], two)
-    ref, got = [r for r in metrics(one) if "loss" in r], [r for r in metrics(two) if "loss" in r]
-    assert [r["step"] for r in ref] == [r["step"] for r in got] and "moe/0/max_load" in got[-1]
-    for a, b in zip(ref, got):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-    assert_close_weights(one / "checkpoints" / "step_000003", two / "checkpoints" / "step_000003")
-
-
-def test_fsdp_with_accumulation_and_deferred_gradient_sync_equals_one_rank(play_data, tmp_path):
-    # Two ranks x 2 micro-batches of 2 sequences, gradients reduce-scattered once a step: one rank's batch of 8.
-    args = COMMON[:-2] + ["--data", str(play_data), "--max-steps", "3", "--set", "mix_impl=reference"]
-    one = tmp_path / "one"
-    proc = train_subprocess(args + ["--batch-size", "8", "--out", str(one)])
+    proc = train_in_process(args + ["--batch-size", "8", "--out", str(one)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "fsdp"
     spy = str(Path(__file__).parent / "spy_gradient_sync.py")
     flags = ["--batch-size", "2", "--grad-accum", "2", "--parallel", "fsdp", "--fsdp-defer-grad-sync"]
-    proc = torchrun(args + flags, two, program=(spy,))
+    proc = torchrun(args + flags + ["--activation-checkpointing"], two, program=(spy,))
     # Each rank, each of the 3 steps: no reduce-scatter after the first micro-batch, one after the second.
     assert proc.stdout.count("gradient sync: False True False True False True\n") == 2, proc.stdout[-1000:]
     ref, got = [r for r in metrics(one) if "loss" in r], [r for r in metrics(two) if "loss" in r]
-    assert [r["step"] for r in ref] == [r["step"] for r in got]
+    assert [r["step"] for r in ref] == [r["step"] for r in got] and "moe/0/max_load" in got[-1]
     for a, b in zip(ref, got):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-    assert json.loads((two / "run.json").read_text())["train_config"]["fsdp_defer_grad_sync"] is True
+    train_config = json.loads((two / "run.json").read_text())["train_config"]
+    assert train_config["fsdp_defer_grad_sync"] is True and train_config["activation_checkpointing"] is True
     assert_close_weights(one / "checkpoints" / "step_000003", two / "checkpoints" / "step_000003")
 
 
@@ -200,7 +186,7 @@ def test_muon_under_fsdp_resumes_in_one_process_and_steps_as_one_rank(play_data,
     resumed = tmp_path / "fsdp_then_one"
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_000004")
-    proc = train_subprocess(args + ["--batch-size", "8", "--out", str(resumed)])
+    proc = train_in_process(args + ["--batch-size", "8", "--out", str(resumed)])
     assert proc.returncode == 0 and "step_000002 (step 2)" in proc.stdout, proc.stderr[-3000:]
     got, again = ([r for r in metrics(run) if "loss" in r] for run in (two, resumed))
     assert [r["step"] for r in got] == [r["step"] for r in again] == [1, 2, 3, 4]

@@ -336,6 +336,32 @@ def test_lm_eval_refusals(model_dir, tmp_path, run_cli):
     )
 
 
+def test_lm_evals_own_tasks_are_indexed_only_when_asked_for(monkeypatch, tmp_path):
+    # Indexing lm-eval's few thousand task YAMLs takes seconds; the local task alone needs none of them. The
+    # real indexes are read by the two tests above (the local one, and the full one for the unknown name).
+    import lm_eval.tasks
+
+    from muddformer.evaluation.harness import task_manager
+
+    made = []
+
+    class RecordedIndex:
+        def __init__(self, include_path, include_defaults=True):
+            made.append((len(include_path), include_defaults))
+            self.all_tasks = [LOCAL_TASK] + (["hellaswag"] if include_defaults else [])
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", RecordedIndex)
+    assert task_manager([LOCAL_TASK], []).all_tasks == [LOCAL_TASK] and made == [(1, False)]
+    made.clear()
+    assert "hellaswag" in task_manager(["hellaswag", LOCAL_TASK], []).all_tasks and made == [(1, False), (1, True)]
+    made.clear()
+    task_manager([LOCAL_TASK], [str(tmp_path)])  # a user's folder may group lm-eval's tasks: the full index
+    assert made == [(2, True)]
+    made.clear()
+    with pytest.raises(InputError, match="unknown lm-eval task 'hellaswog' \\(did you mean hellaswag"):
+        task_manager(["hellaswog"], [])
+
+
 def test_lm_eval_tokenizer_takes_the_special_tokens_of_tokenizer_config(tmp_path):
     from tokenizers import Tokenizer, models, trainers
 

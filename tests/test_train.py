@@ -1,6 +1,8 @@
 """`mudd train`: a short real run, kill -9 and resume, corrupt checkpoints, divergence, bad input."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 
 import muddformer.training.trainer as trainer_module
 from muddformer import ConfigError, MuddConfig, MuddForCausalLM, MuddModel
+from muddformer.cli import main
 from muddformer.data.shards import TokenData
 from muddformer.errors import DataError
 from muddformer.model import count_parameters
@@ -44,14 +47,13 @@ SMALL = [
 ]
 
 
-def train_subprocess(args, timeout=300, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", "muddformer", "train", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kwargs,
-    )
+def train_in_process(args) -> subprocess.CompletedProcess:
+    """`mudd train ARGS` in this process, its output captured: a subprocess would spend seconds importing
+    torch again. The kill -9 test and the torchrun tests keep real processes."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", *map(str, args)])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def weights(folder):
@@ -159,7 +161,7 @@ def test_a_restart_before_the_first_checkpoint_leaves_each_step_once_in_tensorbo
 def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--max-steps", "60", "--save-every", "4", "--eval-every", "30"]
     full, broken = tmp_path / "full", tmp_path / "broken"
-    assert train_subprocess(args + ["--out", str(full)]).returncode == 0
+    assert train_in_process(args + ["--out", str(full)]).returncode == 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "muddformer", "train", *args, "--out", str(broken)],
         stdout=subprocess.DEVNULL,
@@ -174,7 +176,7 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     kept = sorted(os.listdir(broken / "checkpoints"))
     assert "step_000060" not in kept  # it really died mid-run
     (broken / "checkpoints" / ".step_000012.k9x").mkdir()  # what a save killed mid-write leaves
-    resumed = train_subprocess(args + ["--out", str(broken)])
+    resumed = train_in_process(args + ["--out", str(broken)])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     assert not [name for name in os.listdir(broken / "checkpoints") if name.startswith(".")]
@@ -253,11 +255,11 @@ def test_checkpoints_of_earlier_versions_resume_or_are_refused_in_one_line(play_
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(play_data, tmp_path):
     args = SMALL + ["--data", str(play_data), "--save-every", "4", "--eval-every", "100", "--keep-checkpoints", "5"]
     run = tmp_path / "run"
-    assert train_subprocess(args + ["--max-steps", "12", "--out", str(run)]).returncode == 0
+    assert train_in_process(args + ["--max-steps", "12", "--out", str(run)]).returncode == 0
     latest = run / "checkpoints" / "step_000012" / "model.safetensors"
     shutil.copytree(latest.parent, tmp_path / "ref")  # what the retrained step 12 must equal
     latest.write_bytes(latest.read_bytes()[:1000])
-    again = train_subprocess(args + ["--max-steps", "12", "--out", str(run)])
+    again = train_in_process(args + ["--max-steps", "12", "--out", str(run)])
     assert again.returncode == 0, again.stderr
     assert "checkpoint step 12 is unusable" in again.stdout and "resuming from" in again.stdout
     assert "step_000008" in again.stdout
@@ -266,7 +268,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(play_data, tmp_pat
 
 def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
     out = tmp_path / "run"
-    proc = train_subprocess(
+    proc = train_in_process(
         SMALL
         + [
             "--data",
@@ -413,10 +415,10 @@ def test_options_train_like_the_plain_loop(play_data, tmp_path, option):
 
 
 @pytest.mark.slow
-def test_default_data_is_the_bundled_corpus(tmp_path, bundled_cache):
-    env = {**os.environ, "MUDD_CACHE": str(bundled_cache)}
+def test_default_data_is_the_bundled_corpus(tmp_path, bundled_cache, monkeypatch):
+    monkeypatch.setenv("MUDD_CACHE", str(bundled_cache))
     out = tmp_path / "run"
-    proc = train_subprocess(
+    proc = train_in_process(
         [
             "--preset",
             "nano",
@@ -435,8 +437,7 @@ def test_default_data_is_the_bundled_corpus(tmp_path, bundled_cache):
             "--no-progress",
             "--out",
             str(out),
-        ],
-        env=env,
+        ]
     )
     assert proc.returncode == 0, proc.stderr
     prepared = bundled_cache / "data" / "shakespeare-bpe8192"

@@ -152,6 +152,22 @@ def check_task_names(task_manager, tasks: list[str]) -> None:
             )
 
 
+def task_manager(tasks: list[str], include_path: list[str]):
+    """lm-eval's index of the tasks, with our bundled local tasks. Where only those are asked for, lm-eval's own
+    few thousand task YAMLs are left unread: indexing them takes seconds (tens on a busy machine). A folder of
+    the user's may hold groups of lm-eval's tasks, so it always comes with the full index."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(local_tasks_dir()), *include_path]
+    if not include_path:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    manager = TaskManager(include_path=paths)
+    check_task_names(manager, tasks)
+    return manager
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -166,14 +182,11 @@ def run_tasks(
     _require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    paths = [str(local_tasks_dir())] + [str(p) for p in include_path or []]
-    for p in paths:
+    for p in include_path or []:
         if not Path(p).is_dir():
             raise InputError(f"--include-path {p} is not a folder of task YAMLs")
-    manager = TaskManager(include_path=paths)
-    check_task_names(manager, tasks)
+    manager = task_manager(tasks, [str(p) for p in include_path or []])
     lm = HFLM(
         pretrained=model,
         tokenizer=tokenizer,
