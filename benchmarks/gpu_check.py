@@ -48,7 +48,7 @@ def steps(out: Path, work: Path, dry: bool) -> list[tuple[str, list[str], int]]:
         bench = [*shape, "--batch-size", "2", "--seq-len", "32", "--reps", "1", "--warmup", "1"]
         bench += ["--prompt-len", "4", "--decode-tokens", "4", "--mix-impl", "matmul"]
         train = ["--preset", "nano", "--set", "vocab_size=8192", "--device", "cpu", "--max-steps", "3"]
-        train += ["--batch-size", "2", "--seq-len", "32"]
+        train += ["--batch-size", "2", "--seq-len", "32", "--sample-tokens", "8"]
         kernels = ["tests/test_gpu.py"]
         compile_flag: list[str] = []
     else:
