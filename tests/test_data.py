@@ -150,13 +150,25 @@ def test_prepare_names_a_damaged_or_unreadable_file(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 nope")
     with pytest.raises(DataError, match=r"cannot read .*bad.parquet \(.*\); is it a .parquet file\?"):
         prepare([str(tmp_path / "bad.parquet")], tmp_path / "o")
-    try:
-        import zstandard  # noqa: F401
-    except ImportError:
-        (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
-        with pytest.raises(DataError, match="a.jsonl.zst needs the zstandard package: pip install zstandard"):
-            prepare([str(tmp_path / "a.jsonl.zst")], tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_or_broken_reader_package_is_named_with_the_fix(tmp_path, monkeypatch):
+    # pyarrow and zstandard are optional: missing, the message names the package; installed but failing to
+    # import (pyarrow 15 under numpy 2 does), it says so instead of asking to install what is there.
+    from muddformer.data.documents import optional_module
+
+    with pytest.raises(DataError, match=r"^reading a.parquet needs the no_such_reader package: pip install no_such_"):
+        optional_module("no_such_reader.parquet", Path("a.parquet"))
+    (tmp_path / "broken_reader").mkdir()
+    (tmp_path / "broken_reader" / "__init__.py").write_text("raise ImportError('built for numpy 1.x')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(DataError) as caught:
+        optional_module("broken_reader", Path("a.jsonl.zst"))
+    assert str(caught.value) == (
+        "reading a.jsonl.zst needs broken_reader, which is installed but fails to import (built for numpy 1.x); "
+        "upgrade it: pip install -U broken_reader"
+    )
 
 
 def test_prepare_refuses_bad_input(tmp_path):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import importlib
+import importlib.util
 import io
 import json
 import lzma
@@ -87,11 +89,22 @@ def zstd_reader(path: Path) -> IO[bytes]:
         return zstd.open(path, "rb")
     except ImportError:
         pass
+    return io.BufferedReader(ZstdFrames(path, optional_module("zstandard", path)))
+
+
+def optional_module(name: str, path: Path):
+    """The module `name`, imported to read `path`. Missing, or installed but failing to import (a wheel built
+    for another numpy, say): a one-line DataError that says which, with the pip command."""
     try:
-        import zstandard
-    except ImportError:
-        raise DataError(f"reading {path} needs the zstandard package: pip install zstandard") from None
-    return io.BufferedReader(ZstdFrames(path, zstandard))
+        return importlib.import_module(name)
+    except ImportError as e:
+        package = name.split(".")[0]
+        if importlib.util.find_spec(package) is None:
+            raise DataError(f"reading {path} needs the {package} package: pip install {package}") from None
+        raise DataError(
+            f"reading {path} needs {package}, which is installed but fails to import ({e}); "
+            f"upgrade it: pip install -U {package}"
+        ) from None
 
 
 class ZstdFrames(io.RawIOBase):
@@ -177,11 +190,7 @@ def text_value(value, where: str) -> str:
 
 
 def parquet_documents(path: Path, field: str) -> Iterator[str]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"reading {path} needs the pyarrow package: pip install pyarrow") from None
+    pa, pq = optional_module("pyarrow", path), optional_module("pyarrow.parquet", path)
     table = pq.ParquetFile(path)
     schema = table.schema_arrow
     if field not in schema.names:
