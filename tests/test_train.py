@@ -166,6 +166,7 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
         [sys.executable, "-m", "muddformer", "train", *args, "--out", str(broken)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # this process's float sums
     )
     deadline = time.time() + 120
     while not (broken / "checkpoints" / "step_000008").exists():
