@@ -21,6 +21,7 @@ the training run's metrics.jsonl; the run's checkpoints stay in a temporary fold
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -115,10 +116,10 @@ def environment(dry: bool) -> dict:
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.platform()}
-    for name in ("triton", "transformers"):
+    for name in ("triton", "transformers"):  # read from the install's metadata: importing them takes seconds
         try:
-            env[name] = __import__(name).__version__
-        except Exception:  # not installed, or broken: the kernels step reports it
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # a broken install shows in the kernels step
             env[name] = None
     if not dry and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
