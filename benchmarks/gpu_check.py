@@ -116,11 +116,14 @@ def environment(dry: bool) -> dict:
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.platform()}
-    for name in ("triton", "transformers"):  # read from the install's metadata: importing them takes seconds
-        try:
-            env[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:  # a broken install shows in the kernels step
-            env[name] = None
+    try:
+        env["triton"] = __import__("triton").__version__  # ships under several names (pytorch-triton, ...)
+    except Exception:  # not installed, or broken: the kernels step reports it
+        env["triton"] = None
+    try:  # from the install's metadata: importing transformers takes seconds
+        env["transformers"] = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        env["transformers"] = None
     if not dry and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env

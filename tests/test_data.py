@@ -161,7 +161,8 @@ def test_a_missing_or_broken_reader_package_is_named_with_the_fix(tmp_path, monk
     with pytest.raises(DataError, match=r"^reading a.parquet needs the no_such_reader package: pip install no_such_"):
         optional_module("no_such_reader.parquet", Path("a.parquet"))
     (tmp_path / "broken_reader").mkdir()
-    (tmp_path / "broken_reader" / "__init__.py").write_text("raise ImportError('built for numpy 1.x')\n")
+    failing = "raise ImportError('A module that was compiled using NumPy 1.x\\n\\nbuilt for numpy 1.x')\n"
+    (tmp_path / "broken_reader" / "__init__.py").write_text(failing)  # the last line of a long message is kept
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(DataError) as caught:
         optional_module("broken_reader", Path("a.jsonl.zst"))

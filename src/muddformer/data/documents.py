@@ -99,10 +99,15 @@ def optional_module(name: str, path: Path):
         return importlib.import_module(name)
     except ImportError as e:
         package = name.split(".")[0]
-        if importlib.util.find_spec(package) is None:
+        try:
+            missing = importlib.util.find_spec(package) is None
+        except ValueError:  # in sys.modules without a spec: there, but not importable as a package
+            missing = False
+        if missing:
             raise DataError(f"reading {path} needs the {package} package: pip install {package}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # numpy's errors run over many lines
         raise DataError(
-            f"reading {path} needs {package}, which is installed but fails to import ({e}); "
+            f"reading {path} needs {package}, which is installed but fails to import ({reason}); "
             f"upgrade it: pip install -U {package}"
         ) from None
 
