@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import subprocess
 from pathlib import Path
@@ -132,18 +134,20 @@ def assert_grads_close(grads: dict, expected: dict, rel: float = 2e-6) -> None:
         assert (grads[name] - want).abs().max() <= rel * want.abs().max() + 1e-7, name
 
 
-@pytest.fixture
-def run_cli(capsys):
-    """Run `mudd ARGS...` in this process (faster than a subprocess; main() is what the script calls)."""
+def mudd_in_process(*args) -> subprocess.CompletedProcess:
+    """Run `mudd ARGS...` in this process, its output captured: main() is what the script calls, and a subprocess
+    would spend seconds importing torch again."""
     from muddformer.cli import main
 
-    def run(*args):
-        capsys.readouterr()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
-    return run
+
+@pytest.fixture
+def run_cli():
+    return mudd_in_process
 
 
 def assert_one_line_error(proc, *words):

@@ -1,8 +1,6 @@
 """`mudd train`: a short real run, kill -9 and resume, corrupt checkpoints, divergence, bad input."""
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -14,12 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_one_line_error, build, nano_run, small_config
+from conftest import assert_one_line_error, build, mudd_in_process, nano_run, small_config
 from safetensors.torch import load_file
 
 import muddformer.training.trainer as trainer_module
 from muddformer import ConfigError, MuddConfig, MuddForCausalLM, MuddModel
-from muddformer.cli import main
 from muddformer.data.shards import TokenData
 from muddformer.errors import DataError
 from muddformer.model import count_parameters
@@ -50,12 +47,8 @@ SMALL = [
 
 
 def train_in_process(args) -> subprocess.CompletedProcess:
-    """`mudd train ARGS` in this process, its output captured: a subprocess would spend seconds importing
-    torch again. The kill -9 test and the torchrun tests keep real processes."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["train", *map(str, args)])
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    """`mudd train ARGS` in this process; the kill -9 test and the torchrun tests keep real processes."""
+    return mudd_in_process("train", *args)
 
 
 def weights(folder):

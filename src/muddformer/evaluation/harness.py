@@ -158,6 +158,9 @@ def task_manager(tasks: list[str], include_path: list[str]):
     the user's may hold groups of lm-eval's tasks, so it always comes with the full index."""
     from lm_eval.tasks import TaskManager
 
+    for p in include_path:
+        if not Path(p).is_dir():
+            raise InputError(f"--include-path {p} is not a folder of task YAMLs")
     paths = [str(local_tasks_dir()), *include_path]
     if not include_path:
         local = TaskManager(include_path=paths, include_defaults=False)
@@ -183,9 +186,6 @@ def run_tasks(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    for p in include_path or []:
-        if not Path(p).is_dir():
-            raise InputError(f"--include-path {p} is not a folder of task YAMLs")
     manager = task_manager(tasks, [str(p) for p in include_path or []])
     lm = HFLM(
         pretrained=model,
