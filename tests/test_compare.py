@@ -368,17 +368,30 @@ def test_report_from_the_small_files_alone(small_data, tmp_path, capsys):
 def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, capsys):
     """scripts/experiments/evidence_report.py (the docs/results.md tables) on tiny stand-ins of its folders."""
     root = tmp_path / "evidence"
+    script = Path(__file__).parents[1] / "scripts" / "experiments" / "evidence_report.py"
+
+    def report() -> None:
+        argv, sys.argv = sys.argv, [str(script), str(root)]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = argv
+
     for part, connections in (("main", "residual,ddformer,mudd"), ("depth", "residual,mudd")):
         args = compare_args(small_data, root / part, steps="2", eval_every="1")
         args[args.index("residual,mudd")] = connections
         assert main(args + ["--lr-for", "mudd=2e-3"]) == 0
     capsys.readouterr()
-    script = Path(__file__).parents[1] / "scripts" / "experiments" / "evidence_report.py"
-    argv, sys.argv = sys.argv, [str(script), str(root)]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
+    with pytest.raises(SystemExit, match="has no longer residual runs: run the long part"):
+        report()  # the planned multiplier needs residual's longer curve
+    args = compare_args(small_data, root / "main", steps="2", eval_every="1")
+    args[args.index("residual,mudd")] = "residual,ddformer,mudd"
+    assert main(args + ["--lr-for", "mudd=2e-3", "--baseline-steps", "3"]) == 0
+    stale = json.loads((root / "main" / "results.json").read_text())
+    stale["connections"]["mudd"]["flops_per_token"] = 1.0  # as an older version's report might have left it
+    (root / "main" / "results.json").write_text(json.dumps(stale))
+    capsys.readouterr()
+    report()
     printed = capsys.readouterr().out
     summary = json.loads((root / "summary.json").read_text())
     results = json.loads((root / "main" / "results.json").read_text())
@@ -386,7 +399,8 @@ def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, caps
     assert summary["mudd_vs"]["residual"]["delta"] == pytest.approx(sum(mudd) / 2 - sum(res) / 2)
     assert summary["mudd_vs"]["ddformer"]["p"] == results["pairwise_welch"]["mudd"]["ddformer"]["p"]
     flops = {n: results["connections"][n]["flops_per_token"] for n in ("mudd", "residual")}
-    assert flops["mudd"] > flops["residual"]  # its generators and weighted sums: a step of it costs more
+    # recomputed from the runs, not the stale results.json; MUDD's generators and weighted sums cost more per step
+    assert flops["mudd"] > flops["residual"] > 1.0
     steps, in_flops = (summary["mudd_vs"]["residual"][k] for k in ("multiplier", "multiplier_flops"))
     for key in ("multiplier", "lower_bound", "upper_bound"):
         expected = None if steps[key] is None else steps[key] * flops["residual"] / flops["mudd"]
@@ -455,6 +469,7 @@ def test_the_multiplier_target_is_undetermined_when_only_a_bound_on_the_wrong_si
     assert reaches(mult(low=2.0), 1.5) is True and reaches(mult(high=1.2), 1.5) is False
     assert reaches(mult(low=1.2), 1.5) is None  # MUDD ends below the baseline's whole curve: at least 1.2x
     assert reaches(mult(high=2.0), 1.5) is None and reaches(mult(), 1.5) is None
+    assert reaches(mult(high=1.5), 1.5) is False  # an upper bound is strict: below 1.5x
 
 
 def test_non_finite_losses_give_no_test_and_no_multiplier():

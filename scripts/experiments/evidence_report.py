@@ -12,6 +12,10 @@ runs finished so that the analysis is fixed in advance:
 - depth: MUDD's gain over residual at 6 and at 18 layers and the difference of the two gains, with its
   standard error and Welch's t-test over the four groups (Welch-Satterthwaite degrees of freedom).
 
+Each folder's results.json (and results.md, plots) is first recomputed from its runs' metrics.jsonl and run.json by
+this code, as `mudd compare --report` does: a results.json left by an older version (its FLOPs per token, its
+memory) never reaches the tables.
+
     python scripts/experiments/evidence_report.py [docs/results/evidence]     prints Markdown, writes summary.json
 """
 
@@ -21,7 +25,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from muddformer.experiments.compare.report import format_multiplier, format_p
+from muddformer.errors import InputError
+from muddformer.experiments.compare.report import finite_or_none, format_multiplier, format_p
+from muddformer.experiments.compare.runner import report_compare
 from muddformer.experiments.compare.stats import compute_multiplier, difference_test, student_t_two_sided_p
 
 # The targets speak of Transformer++; the comparison's baseline is MUDD's own body with a residual stream.
@@ -37,8 +43,13 @@ BOUNDS = ("multiplier", "lower_bound", "upper_bound")
 
 
 def load(folder: Path) -> dict | None:
-    path = folder / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A compare folder's results, recomputed from its runs by this code; None where the folder has no compare."""
+    if not (folder / "compare.json").is_file():
+        return None
+    try:
+        return report_compare(folder)
+    except InputError as e:
+        sys.exit(str(e))
 
 
 def reaches(multiplier: dict, target: float) -> bool | None:
@@ -49,7 +60,7 @@ def reaches(multiplier: dict, target: float) -> bool | None:
         return m >= target
     if low is not None and low >= target:
         return True
-    if high is not None and high < target:
+    if high is not None and high <= target:  # an upper bound is strict: the loss lies above the curve's first point
         return False
     return None
 
@@ -135,7 +146,9 @@ def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/evidence")
     main_results, depth = load(root / "main"), load(root / "depth")
     if main_results is None:
-        sys.exit(f"{root / 'main' / 'results.json'} is missing: run scripts/experiments/evidence.sh first")
+        sys.exit(f"{root / 'main'} holds no compare: run scripts/experiments/evidence.sh first")
+    if main_results["baseline_long"] is None:  # the planned multiplier reads residual's longer curve
+        sys.exit(f"{root / 'main'} has no longer residual runs: run the long part (evidence.sh ... long) first")
     lines = [BASELINE_NOTE, ""] + main_table(main_results) + [""]
     summary: dict = {"mudd_vs": {}}
     for other in ("residual", "ddformer"):
@@ -192,7 +205,7 @@ def main() -> None:
             f"p {format_p(test)}; negative means MUDD gains more when deeper)."
         )
     print("\n".join(lines))
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (root / "summary.json").write_text(json.dumps(finite_or_none(summary), indent=2) + "\n")
 
 
 if __name__ == "__main__":
