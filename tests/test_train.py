@@ -94,7 +94,7 @@ def test_short_run_writes_a_complete_run_folder(play_data, tmp_path):
     assert (out / "sample.txt").read_text().startswith("ROMEO:")
     run = json.loads((out / "run.json").read_text())
     assert run["model_config"]["n_layer"] == 2 and run["train_config"]["max_steps"] == 40
-    assert {"torch", "python", "platform", "cpu_count"} <= run["environment"].keys()
+    assert {"torch", "python", "platform", "cpu_count", "cpu_capability"} <= run["environment"].keys()
     model = MuddForCausalLM.from_pretrained(out / "checkpoints" / "step_000040")
     assert (out / "checkpoints" / "step_000040" / "tokenizer.json").is_file()
     state = json.loads((out / "checkpoints" / "step_000040" / "trainer_state.json").read_text())

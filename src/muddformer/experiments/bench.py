@@ -348,12 +348,12 @@ def run_bench(bc: BenchConfig) -> dict:
 
 def format_report(report: dict) -> str:
     env = report["environment"]
+    cpu_name = " ".join(filter(None, (env["processor"], env.get("cpu_capability"))))  # older reports lack the ISA
     lines = [
         f"mudd bench: preset {report['preset']}, {report['device']} {report['dtype']}, batch "
         f"{report['batch_size']} x {report['seq_len']} tokens, median of {report['reps']} interleaved reps"
         + (", compiled" if report["compile"] else ""),
-        f"  torch {env['torch']}, {env.get('gpu', env['processor'])}, {env['torch_threads']} threads, "
-        f"{env['platform']}",
+        f"  torch {env['torch']}, {env.get('gpu', cpu_name)}, {env['torch_threads']} threads, {env['platform']}",
     ]
     if report["overrides"]:
         lines.append(f"  overrides: {report['overrides']}")

@@ -146,6 +146,8 @@ def environment(device: torch.device, world: int = 1) -> dict:
         "platform": platform.platform(),
         "processor": platform.machine(),
         "cpu_count": os.cpu_count(),
+        # the vector ISA torch's CPU kernels use: float32 results of one run differ between AVX2 and AVX-512
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "world_size": world,
         "device": str(device),
