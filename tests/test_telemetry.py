@@ -1,12 +1,14 @@
 """Training telemetry: dense-weight statistics, per-group gradient norms, spike and blow-up reports."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_one_line_error, build, nano_run
 
-from muddformer.telemetry import BLOWUP, ExpertTally, SpikeWatch, group_grad_norms, weight_stats
+from muddformer.telemetry import BLOWUP, GRAD_SPIKE, ExpertTally, SpikeWatch, group_grad_norms, weight_stats
 from muddformer.training.trainer import train
 
 
@@ -51,6 +53,40 @@ def test_spike_and_blowup_reports_name_the_layer_and_the_fixes():
     blown = watch.check(7, {"loss": 4.5, "dense/1/q/max_abs": BLOWUP + 1})
     assert blown.startswith("dense weights blowing up at step 7") and "after block 1, stream q" in blown
     assert SpikeWatch().check(0, {"loss": 9.0}) is None
+
+
+def test_a_gradient_norm_spike_names_the_group_that_grew_most():
+    watch = SpikeWatch()
+    steady = [(1.0, 0.9, 0.3), (1.2, 1.1, 0.2), (0.8, 0.7, 0.4), (1.1, 1.0, 0.3), (0.9, 0.8, 0.2)]
+    for step, (total, matrices, generator) in enumerate(steady):
+        record = {"loss": 5.0, "grad_norm": total, "grad_norm/matrices": matrices, "grad_norm/generator": generator}
+        assert watch.check(step, record) is None
+    # medians so far: total 1.0, matrices 0.9, generator 0.3
+    just_under = {"loss": 5.0, "grad_norm": 0.99 * GRAD_SPIKE, "grad_norm/matrices": 1.0, "grad_norm/generator": 5.0}
+    assert watch.check(5, just_under) is None
+    # medians of the last six: total (1.0 + 1.1) / 2, matrices 0.95, generator 0.3; 2.1 x 12.5 = 26.25
+    spike = {"loss": 5.0, "grad_norm": 26.25, "grad_norm/matrices": 1.9, "grad_norm/generator": 24.0}
+    message = watch.check(6, {**spike, "dense/2/k/max_abs": 3.0})
+    assert message.startswith("gradient norm spike at step 6: 26.2, 25x the median of the recent logged ones")
+    assert "most of all generator (80x)" in message and "after block 2, stream k" in message
+    assert "--generator-lr-mult 0.25" in message
+    assert watch.check(7, {"loss": 5.0, "grad_norm": math.inf}).startswith("gradient norm spike at step 7: inf")
+    assert watch.check(8, {"loss": 5.0, "grad_norm": 1.0}) is None  # the infinite norm did not enter the median
+
+
+def test_the_spike_rules_on_the_24_layer_runs_they_were_set_on():
+    """docs/results/stability-depth: the stable runs (residual, PrePostDANorm) get no gradient-norm report; every
+    unstable MUDD run gets them early (its first by step 22; these runs log every step)."""
+    root = Path(__file__).parents[1] / "docs" / "results" / "stability-depth"
+    for run in sorted(root.glob("*/seed*")):
+        watch = SpikeWatch()
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        reports = [(r["step"], watch.check(r["step"], r)) for r in records if "loss" in r]
+        grad = [step for step, m in reports if m and m.startswith("gradient norm spike")]
+        if run.parent.name in ("residual", "mudd-prepost"):
+            assert grad == [], run
+        else:
+            assert grad and grad[0] <= 40, run
 
 
 @pytest.mark.parametrize("connection, telemetry", [("mudd", True), ("residual", True), ("mudd", False)])

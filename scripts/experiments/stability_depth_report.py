@@ -38,12 +38,14 @@ def main() -> None:
                 }
             )
             curves[(variant, run.name)] = train
-    print("| variant | seed | val loss (step) | max grad norm (step) | spike warnings at steps |")
+    print("| variant | seed | val loss (step) | max grad norm (step) | steps flagged (first 5) |")
     print("|---|---|---|---|---|")
     for r in rows:
+        flagged = r["spike_steps"]
+        first = ", ".join(map(str, flagged[:5])) + (", ..." if len(flagged) > 5 else "")
         print(
             f"| {r['variant']} | {r['seed']} | {r['final_val_loss']:.3f} ({r['val_step']}) | "
-            f"{r['max_grad_norm']:.3g} ({r['at_step']}) | {', '.join(map(str, r['spike_steps'])) or '-'} |"
+            f"{r['max_grad_norm']:.3g} ({r['at_step']}) | {f'{len(flagged)} ({first})' if flagged else '-'} |"
         )
     (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     plt = pyplot()
