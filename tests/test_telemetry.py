@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, build, nano_run
 
+from muddformer.experiments.analyze.plots import logged, mean_of
 from muddformer.telemetry import BLOWUP, GRAD_SPIKE, ExpertTally, SpikeWatch, group_grad_norms, weight_stats
 from muddformer.training.trainer import train
 
@@ -76,7 +77,7 @@ def test_a_gradient_norm_spike_names_the_group_that_grew_most():
 
 def test_the_spike_rules_on_the_24_layer_runs_they_were_set_on():
     """docs/results/stability-depth: the stable runs (residual, PrePostDANorm) get no gradient-norm report; every
-    unstable MUDD run gets them early (its first by step 22; these runs log every step)."""
+    unstable MUDD run gets them early (its first by step 32; these runs log every step)."""
     root = Path(__file__).parents[1] / "docs" / "results" / "stability-depth"
     for run in sorted(root.glob("*/seed*")):
         watch = SpikeWatch()
@@ -116,6 +117,17 @@ def test_metrics_carry_the_telemetry(play_data, tmp_path, connection, telemetry)
             }
         ) == (connection == "mudd")
         assert connection != "mudd" or r["dense/0/q/max_abs"] >= r["dense/0/q/mean_abs"] > 0
+
+
+def test_a_telemetry_series_is_drawn_only_where_it_was_logged():
+    """Records without a series (dense statistics on some log steps only) leave no NaN gaps, which would break a
+    line into invisible single points."""
+    train = [{"step": 1, "loss": 5.0, "dense/0/r/max_abs": 2.0}, {"step": 2, "loss": 4.0}, {"step": 3, "loss": 3.0}]
+    train.append({"step": 4, "loss": 2.0, "dense/0/r/max_abs": 6.0, "dense/0/q/max_abs": 1.0})
+    keys = ["dense/0/r/max_abs", "dense/0/q/max_abs"]
+    assert logged(train, lambda r: max((r[k] for k in keys if k in r), default=None)) == ([1, 4], [2.0, 6.0])
+    assert logged(train, lambda r: mean_of(r, keys)) == ([1, 4], [2.0, 3.5])
+    assert logged(train, lambda r: r["loss"]) == ([1, 2, 3, 4], [5.0, 4.0, 3.0, 2.0])
 
 
 def test_analyze_plots_a_runs_telemetry(play_data, tmp_path, run_cli):

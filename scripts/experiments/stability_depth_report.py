@@ -12,7 +12,7 @@ from pathlib import Path
 from muddformer.plotting import pyplot, save_png
 from muddformer.telemetry import SpikeWatch
 
-VARIANTS = ["residual", "mudd", "mudd-prepost", "mudd-cap10"]
+VARIANTS = ["residual", "mudd", "mudd-prepost", "mudd-cap10", "mudd-telemetry"]  # the last: later code, see the doc
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     plt = pyplot()
     fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(14, 4.5), layout="constrained")
-    colors = dict(zip(VARIANTS, ["black", "tab:red", "tab:blue", "tab:green"]))
+    colors = dict(zip(VARIANTS, ["black", "tab:red", "tab:blue", "tab:green", "tab:purple"]))
     for (variant, seed), train in curves.items():
         style = "-" if seed == "seed0" else "--"
         steps = [r["step"] for r in train]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 BLOWUP = 100.0
 # A gradient norm (before clipping) this many times the median of the recent logged ones is reported as a spike.
 # The 24-layer runs of docs/results/stability-depth, logged every step: the stable ones stay under 10.3x, every
-# unstable one passes 20x by its step 22 (and up to 1e6x later).
+# unstable one passes 20x by its step 32 (and up to 1e6x later).
 GRAD_SPIKE = 20.0
 FIXES = "try --set dense_cap=10, --generator-lr-mult 0.25 or --set dense_norm=prepost"
 

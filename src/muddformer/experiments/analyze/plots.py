@@ -107,17 +107,28 @@ def write_plots(models: list[dict], out: Path) -> list[str]:
     return names
 
 
+def logged(train: list[dict], value) -> tuple[list[int], list[float]]:
+    """The steps whose record has `value(record)` (not None) and those values: a series is drawn only where it was
+    logged, so that records without it (telemetry off for some steps) leave no gaps that break the line."""
+    points = [(r["step"], v) for r in train if (v := value(r)) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def mean_of(record: dict, keys: list[str]) -> float | None:
+    values = [record[k] for k in keys if k in record]
+    return float(np.mean(values)) if values else None
+
+
 def plot_telemetry(records: list[dict], path: Path, title: str) -> None:
     """A run's training telemetry over steps: loss and per-group gradient norms; the largest |dense weight|
     after each block; the spread of the dense weights over tokens, per stream (mean over layers)."""
     plt = pyplot()
     train = [r for r in records if "loss" in r]
-    steps = [r["step"] for r in train]
     fig, (ax_loss, ax_max, ax_spread) = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
-    ax_loss.plot(steps, [r["loss"] for r in train], color="black", label="loss")
+    ax_loss.plot(*logged(train, lambda r: r["loss"]), color="black", label="loss")
     ax_grad = ax_loss.twinx()
     for key in sorted({k for r in train for k in r if k.startswith("grad_norm/")}):
-        ax_grad.plot(steps, [r.get(key, np.nan) for r in train], label=key.split("/", 1)[1], alpha=0.8)
+        ax_grad.plot(*logged(train, lambda r, key=key: r.get(key)), label=key.split("/", 1)[1], alpha=0.8)
     ax_grad.set_yscale("log")
     ax_grad.set_ylabel("gradient norm (before clipping)")
     ax_grad.legend(fontsize="small", loc="upper right")
@@ -130,8 +141,7 @@ def plot_telemetry(records: list[dict], path: Path, title: str) -> None:
     for i, layer in enumerate(layers):
         keys = [k for k in dense if k.startswith(f"dense/{layer}/") and k.endswith("/max_abs")]
         ax_max.plot(
-            steps,
-            [max((r[k] for k in keys if k in r), default=np.nan) for r in train],
+            *logged(train, lambda r, keys=keys: max((r[k] for k in keys if k in r), default=None)),
             color=cmap(i / max(1, len(layers) - 1)),
             label=f"after block {layer}" if len(layers) <= 12 else None,
         )
@@ -142,11 +152,7 @@ def plot_telemetry(records: list[dict], path: Path, title: str) -> None:
         ax_max.legend(fontsize="x-small", ncol=2)
     for stream in sorted({k.split("/")[2] for k in dense}):
         keys = [k for k in dense if k.split("/")[2] == stream and k.endswith("/token_std")]
-        ax_spread.plot(
-            steps,
-            [float(np.mean([r[k] for k in keys if k in r])) if any(k in r for k in keys) else np.nan for r in train],
-            label=stream,
-        )
+        ax_spread.plot(*logged(train, lambda r, keys=keys: mean_of(r, keys)), label=stream)
     ax_spread.set_title("Dense weights: spread over tokens\n(mean over layers)")
     ax_spread.set_xlabel("step")
     if dense:
