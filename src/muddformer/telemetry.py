@@ -126,7 +126,6 @@ class SpikeWatch:
     def __init__(self, window: int = 20):
         self.recent: deque[float] = deque(maxlen=window)
         self.grads: dict[str, deque[float]] = {}  # "grad_norm" and each "grad_norm/<group>": recent values
-        self.window = window
 
     def check(self, step: int, record: dict) -> str | None:
         loss = record["loss"]
@@ -161,7 +160,7 @@ class SpikeWatch:
         for key, value in record.items():
             if key != "grad_norm" and not key.startswith("grad_norm/"):
                 continue
-            recent = self.grads.setdefault(key, deque(maxlen=self.window))
+            recent = self.grads.setdefault(key, deque(maxlen=self.recent.maxlen))
             if len(recent) >= 5:
                 median = statistics.median(recent)
                 growth[key] = value / median if math.isfinite(value) and median > 0 else math.inf
