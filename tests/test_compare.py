@@ -416,6 +416,22 @@ def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, caps
     assert summary["depth"]["difference"] == pytest.approx(gain_18 - summary["depth"]["gain_6"][0])
     mudd_row = next(line for line in printed.splitlines() if line.startswith("| mudd | "))
     assert " | 0.002 | " in mudd_row and "| 18 layers, dim 112 |" in printed  # its own LR; the depth row
+    assert "transformer++" not in summary["mudd_vs"]  # the arm's folder is optional
+
+    args = compare_args(small_data, root / "tfmpp", steps="2", eval_every="1")  # the Transformer++ arm
+    args[args.index("residual,mudd")] = "residual"
+    assert main(args + ["--set", "ffn_schedule=constant", "--set", "use_qk_norm=false"]) == 0
+    capsys.readouterr()
+    report()
+    printed = capsys.readouterr().out
+    summary = json.loads((root / "summary.json").read_text())
+    arm = json.loads((root / "tfmpp" / "results.json").read_text())["connections"]["residual"]
+    assert summary["transformer++"]["final_val_loss"] == arm["final_val_loss"]
+    assert summary["mudd_vs"]["transformer++"]["delta"] == pytest.approx(sum(mudd) / 2 - arm["mean"])
+    assert summary["residual_vs"]["transformer++"]["delta"] == pytest.approx(sum(res) / 2 - arm["mean"])
+    mudd_std = results["connections"]["mudd"]["std"]
+    assert summary["mudd_std_over_transformer++"] == pytest.approx(mudd_std / arm["std"])
+    assert "- mudd against Transformer++: Δ" in printed and "- residual against Transformer++: Δ" in printed
 
 
 def test_evidence_report_tests_the_depth_gain_with_welchs_t_over_four_groups():

@@ -9,6 +9,8 @@ runs finished so that the analysis is fixed in advance:
 - the targets (p < 0.01 against residual, seed std at most 2x residual's, multiplier in FLOPs >= 1.5) as met,
   missed or not determined; beside the multiplier's, residual's own shorter run read on its longer curve and the
   multiplier divided by that (the planned target reads the undivided one);
+- the Transformer++ arm (folder tfmpp, added later; optional): MUDD and residual against it, the multiplier read
+  on its own curve;
 - depth: MUDD's gain over residual at 6 and at 18 layers and the difference of the two gains, with its
   standard error and Welch's t-test over the four groups (Welch-Satterthwaite degrees of freedom).
 
@@ -40,6 +42,7 @@ BASELINE_NOTE = (
 
 
 BOUNDS = ("multiplier", "lower_bound", "upper_bound")
+TFMPP = "transformer++"
 
 
 def load(folder: Path) -> dict | None:
@@ -118,6 +121,34 @@ def versus(results: dict, a: str, b: str) -> dict:
     }
 
 
+def with_arm(results: dict, arm: dict, name: str) -> dict:
+    """`results` with another compare's baseline added as connection `name` (its runs, curve and FLOPs), so that
+    `versus` can read MUDD against it on the arm's own curve."""
+    return {**results, "connections": {**results["connections"], name: arm["connections"][arm["baseline"]]}}
+
+
+def arm_lines(results: dict, arm: dict, summary: dict) -> list[str]:
+    """The Transformer++ arm (a separate compare of the `tfm++-tiny` body): MUDD and the planned baseline against it."""
+    merged = with_arm(results, arm, TFMPP)
+    t, m = merged["connections"][TFMPP], merged["connections"]["mudd"]
+    lines = [
+        f"\nTransformer++ arm (`tfm++-tiny` body, residual stream, {t['parameters']:,} parameters): "
+        f"{t['mean']:.4f} ± {fmt(t['std'], '.4f')} ({len(t['final_val_loss'])} seeds)."
+    ]
+    for name in ("mudd", "residual"):
+        v = summary["mudd_vs" if name == "mudd" else "residual_vs"][TFMPP] = versus(merged, name, TFMPP)
+        ratio = merged["connections"][name]["std"] / t["std"] if t["std"] else None
+        lines.append(
+            f"- {name} against Transformer++: Δ {v['delta']:+.4f}, p {format_p(v)}, d {fmt(v['d'], '+.2f')}, "
+            f"seed std {fmt(ratio, '.2f')}x Transformer++'s, compute multiplier on its own {results['steps']}-step "
+            f"curve {format_multiplier(v['multiplier_flops'])} in FLOPs ({format_multiplier(v['multiplier'])} in "
+            "steps; > marks a bound: its curve ends above that loss)"
+        )
+    summary["transformer++"] = {"mean": t["mean"], "std": t["std"], "final_val_loss": t["final_val_loss"]}
+    summary["mudd_std_over_transformer++"] = m["std"] / t["std"] if t["std"] else None
+    return lines
+
+
 def gain(results: dict) -> tuple[float, list[tuple[float, int]]]:
     """MUDD's mean loss minus residual's, and each group's (variance of its mean, seeds); [] below two seeds."""
     m, r = (results["connections"][n]["final_val_loss"] for n in ("mudd", "residual"))
@@ -144,13 +175,13 @@ def gain_with_se(g: tuple) -> tuple[float, float | None]:
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/evidence")
-    main_results, depth = load(root / "main"), load(root / "depth")
+    main_results, depth, arm = load(root / "main"), load(root / "depth"), load(root / "tfmpp")
     if main_results is None:
         sys.exit(f"{root / 'main'} holds no compare: run scripts/experiments/evidence.sh first")
     if main_results["baseline_long"] is None:  # the planned multiplier reads residual's longer curve
         sys.exit(f"{root / 'main'} has no longer residual runs: run the long part (evidence.sh ... long) first")
     lines = [BASELINE_NOTE, ""] + main_table(main_results) + [""]
-    summary: dict = {"mudd_vs": {}}
+    summary: dict = {"mudd_vs": {}, "residual_vs": {}}
     for other in ("residual", "ddformer"):
         v = summary["mudd_vs"][other] = versus(main_results, "mudd", other)
         lines.append(
@@ -188,6 +219,8 @@ def main() -> None:
             "Past that step the longer run also repeats more of the small training corpus, which flattens its curve "
             "where MUDD's loss is read."
         )
+    if arm is not None:
+        lines += arm_lines(main_results, arm, summary)
     if depth is not None:
         shallow, deep = gain(main_results), gain(depth)
         test = difference_of_gains(shallow, deep)
