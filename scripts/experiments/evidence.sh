@@ -9,21 +9,24 @@
 #          multiplier is read on
 #   depth  residual and mudd at the same parameter budget 3x deeper: 18 layers, dim 112, 2 heads (5.84 M
 #          parameters against 5.80 M), otherwise as main, each at its 6-layer best LR
+#   tfmpp  Transformer++ itself (the `tfm++-tiny` body: constant FFN width, no q/k norm) at the main shape with a
+#          residual stream, at residual's LR; added after main's results were known (docs/results/evidence/README.md)
 # Parts run in that order; each is a resumable `mudd compare` folder, and a fresh machine restores the finished
 # runs from docs/results/evidence/<part> (where the small result files are copied after each part).
-#   bash scripts/experiments/evidence.sh [MUDD_BIN] [RUNS_DIR] [PARTS]      (PARTS default "main long depth")
+#   bash scripts/experiments/evidence.sh [MUDD_BIN] [RUNS_DIR] [PARTS]      (PARTS default "main long depth tfmpp")
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 MUDD=${1:-.venv/bin/mudd}
 RUNS=${2:-runs/evidence}
-PARTS=${3:-main long depth}
+PARTS=${3:-main long depth tfmpp}
 DOCS=docs/results/evidence
 CHOICE=docs/results/lr-sweep/choice.json
 lr_for() {  # --lr-for flags for the given connections, from the sweep's choice
   python3 -c "import json, sys; c = json.load(open('$CHOICE')); print(' '.join(f'--lr-for {n}={c[n]}' for n in sys.argv[1:]))" "$@"
 }
 COMMON=(--seeds 5 --steps 500 --batch-size 16 --seq-len 256 --eval-every 50 --eval-windows 400 --no-progress)
-MAIN_SHAPE=(--preset tiny --set n_layer=6 --set dim=192 --set n_head=3)
+MAIN_SIZE=(--set n_layer=6 --set dim=192 --set n_head=3)
+MAIN_SHAPE=(--preset tiny "${MAIN_SIZE[@]}")
 DEPTH_SHAPE=(--preset tiny --set n_layer=18 --set dim=112 --set n_head=2)
 MAIN_CONNECTIONS=residual,ddformer,mudd,attnres,hc
 
@@ -43,6 +46,8 @@ for part in $PARTS; do
               $(lr_for residual ddformer mudd attnres hc) --baseline-steps 1000 ;;
     depth) run_part depth depth "${DEPTH_SHAPE[@]}" --connections residual,mudd "${COMMON[@]}" \
               $(lr_for residual mudd) ;;
-    *) echo "unknown part $part (main, long, depth)" >&2; exit 2 ;;
+    tfmpp) run_part tfmpp tfmpp --preset tfm++-tiny "${MAIN_SIZE[@]}" --connections residual "${COMMON[@]}" \
+              $(lr_for residual) ;;
+    *) echo "unknown part $part (main, long, depth, tfmpp)" >&2; exit 2 ;;
   esac
 done

@@ -42,6 +42,11 @@ BASELINE_NOTE = (
 
 
 BOUNDS = ("multiplier", "lower_bound", "upper_bound")
+RELATIVE_VERDICT = {
+    True: "that reading meets the target",
+    False: "that reading misses the target",
+    None: "not determined",
+}
 TFMPP = "transformer++"
 
 
@@ -180,7 +185,8 @@ def main() -> None:
         sys.exit(f"{root / 'main'} holds no compare: run scripts/experiments/evidence.sh first")
     if main_results["baseline_long"] is None:  # the planned multiplier reads residual's longer curve
         sys.exit(f"{root / 'main'} has no longer residual runs: run the long part (evidence.sh ... long) first")
-    lines = [BASELINE_NOTE, ""] + main_table(main_results) + [""]
+    measured = " The Transformer++ arm below measures the two." if arm is not None else ""
+    lines = [BASELINE_NOTE + measured, ""] + main_table(main_results) + [""]
     summary: dict = {"mudd_vs": {}, "residual_vs": {}}
     for other in ("residual", "ddformer"):
         v = summary["mudd_vs"][other] = versus(main_results, "mudd", other)
@@ -215,7 +221,7 @@ def main() -> None:
             f"curve, as planned. On that curve residual's own {main_results['steps']}-step loss lies at "
             f"{against['baseline_own']:.2f}x (at step {main_results['steps']} the longer run's learning rate is "
             f"still high where the shorter run's has decayed); divided by that, MUDD's multiplier is "
-            f'{format_multiplier(relative)} in FLOPs, which would read "{verdict[reaches(relative, 1.5)]}". '
+            f"{format_multiplier(relative)} in FLOPs ({RELATIVE_VERDICT[reaches(relative, 1.5)]}). "
             "Past that step the longer run also repeats more of the small training corpus, which flattens its curve "
             "where MUDD's loss is read."
         )
