@@ -11,14 +11,16 @@
 #          parameters against 5.80 M), otherwise as main, each at its 6-layer best LR
 #   tfmpp  Transformer++ itself (the `tfm++-tiny` body: constant FFN width, no q/k norm) at the main shape with a
 #          residual stream, at residual's LR; added after main's results were known (docs/results/evidence/README.md)
+#   tfmpp-long  the tfmpp compare, plus its residual trained 1000 steps (same seeds): the multiplier against
+#          Transformer++ itself; added after tfmpp's results were known
 # Parts run in that order; each is a resumable `mudd compare` folder, and a fresh machine restores the finished
 # runs from docs/results/evidence/<part> (where the small result files are copied after each part).
-#   bash scripts/experiments/evidence.sh [MUDD_BIN] [RUNS_DIR] [PARTS]      (PARTS default "main long depth tfmpp")
+#   bash scripts/experiments/evidence.sh [MUDD_BIN] [RUNS_DIR] [PARTS]      (PARTS default "main long depth tfmpp tfmpp-long")
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 MUDD=${1:-.venv/bin/mudd}
 RUNS=${2:-runs/evidence}
-PARTS=${3:-main long depth tfmpp}
+PARTS=${3:-main long depth tfmpp tfmpp-long}
 DOCS=docs/results/evidence
 CHOICE=docs/results/lr-sweep/choice.json
 lr_for() {  # --lr-for flags for the given connections, from the sweep's choice
@@ -48,6 +50,8 @@ for part in $PARTS; do
               $(lr_for residual mudd) ;;
     tfmpp) run_part tfmpp tfmpp --preset tfm++-tiny "${MAIN_SIZE[@]}" --connections residual "${COMMON[@]}" \
               $(lr_for residual) ;;
-    *) echo "unknown part $part (main, long, depth, tfmpp)" >&2; exit 2 ;;
+    tfmpp-long) run_part tfmpp-long tfmpp --preset tfm++-tiny "${MAIN_SIZE[@]}" --connections residual \
+              "${COMMON[@]}" $(lr_for residual) --baseline-steps 1000 ;;
+    *) echo "unknown part $part (main, long, depth, tfmpp, tfmpp-long)" >&2; exit 2 ;;
   esac
 done
