@@ -432,6 +432,26 @@ def test_evidence_report_script_on_two_small_compares(small_data, tmp_path, caps
     mudd_std = results["connections"]["mudd"]["std"]
     assert summary["mudd_std_over_transformer++"] == pytest.approx(mudd_std / arm["std"])
     assert "- mudd against Transformer++: Δ" in printed and "- residual against Transformer++: Δ" in printed
+    assert "targets_transformer++" not in summary  # the issue's targets against it need its longer curve
+
+    assert main(args + ["--set", "ffn_schedule=constant", "--set", "use_qk_norm=false", "--baseline-steps", "3"]) == 0
+    capsys.readouterr()
+    report()
+    printed = capsys.readouterr().out
+    summary = json.loads((root / "summary.json").read_text())
+    curve = json.loads((root / "tfmpp" / "results.json").read_text())["baseline_long"]["curve"]
+    for name, finals in (("mudd", mudd), ("residual", res)):
+        v = summary["mudd_vs" if name == "mudd" else "residual_vs"]["transformer++"]
+        assert v["multiplier"] == compute_multiplier(curve["step"], curve["mean"], sum(finals) / 2, 2), name
+        assert v["baseline_own"] == compute_multiplier(curve["step"], curve["mean"], arm["mean"], 2)["multiplier"]
+    assert set(summary["targets_transformer++"]) == {
+        "p < 0.01 against Transformer++ (two-sided Welch, MUDD lower)",
+        "seed std <= 2x Transformer++'s",
+        "compute multiplier >= 1.5",
+    }
+    std_target = summary["targets_transformer++"]["seed std <= 2x Transformer++'s"]
+    assert std_target["met"] == (mudd_std <= 2 * arm["std"])
+    assert "compute multiplier on its 3-step curve" in printed and "read against the Transformer++ arm" in printed
 
 
 def test_evidence_report_tests_the_depth_gain_with_welchs_t_over_four_groups():

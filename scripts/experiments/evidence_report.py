@@ -10,7 +10,8 @@ runs finished so that the analysis is fixed in advance:
   missed or not determined; beside the multiplier's, residual's own shorter run read on its longer curve and the
   multiplier divided by that (the planned target reads the undivided one);
 - the Transformer++ arm (folder tfmpp, added later; optional): MUDD and residual against it, the multiplier read
-  on its own curve;
+  on its longer curve once it has one (the tfmpp-long part, also later; as for residual, with the division
+  beside it), else on its own; with the longer curve, the three targets read against it as well;
 - depth: MUDD's gain over residual at 6 and at 18 layers and the difference of the two gains, with its
   standard error and Welch's t-test over the four groups (Welch-Satterthwaite degrees of freedom).
 
@@ -42,6 +43,7 @@ BASELINE_NOTE = (
 
 
 BOUNDS = ("multiplier", "lower_bound", "upper_bound")
+VERDICT = {True: "yes", False: "no", None: "not determined"}
 RELATIVE_VERDICT = {
     True: "that reading meets the target",
     False: "that reading misses the target",
@@ -128,8 +130,33 @@ def versus(results: dict, a: str, b: str) -> dict:
 
 def with_arm(results: dict, arm: dict, name: str) -> dict:
     """`results` with another compare's baseline added as connection `name` (its runs, curve and FLOPs), so that
-    `versus` can read MUDD against it on the arm's own curve."""
-    return {**results, "connections": {**results["connections"], name: arm["connections"][arm["baseline"]]}}
+    `versus` can read MUDD against it: on the arm's longer curve when it has longer runs, else on its own."""
+    merged = {**results, "connections": {**results["connections"], name: arm["connections"][arm["baseline"]]}}
+    if arm.get("baseline_long"):
+        merged.update(baseline=name, baseline_long=arm["baseline_long"])
+    return merged
+
+
+def targets(m: dict, base: dict, base_name: str, mult: dict) -> dict:
+    """The issue's three targets for MUDD (`m`) against a baseline (`base`): {name: (met or None, value)}."""
+    p = difference_test(m["final_val_loss"], base["final_val_loss"])["p"]
+    return {
+        f"p < 0.01 against {base_name} (two-sided Welch, MUDD lower)": (
+            None if p is None else p < 0.01 and m["mean"] < base["mean"],
+            f"p {format_p({'p': p})}, Δ {m['mean'] - base['mean']:+.4f}",
+        ),
+        f"seed std <= 2x {base_name}'s": (
+            None if None in (m["std"], base["std"]) else m["std"] <= 2 * base["std"],
+            f"{fmt(m['std'], '.4f')} against {fmt(base['std'], '.4f')}",
+        ),
+        "compute multiplier >= 1.5": (reaches(mult, 1.5), format_multiplier(mult)),
+    }
+
+
+def target_table(named: dict) -> list[str]:
+    return ["", "| target | met | value |", "|---|---|---|"] + [
+        f"| {k} | {VERDICT[ok]} | {text} |" for k, (ok, text) in named.items()
+    ]
 
 
 def arm_lines(results: dict, arm: dict, summary: dict) -> list[str]:
@@ -140,15 +167,27 @@ def arm_lines(results: dict, arm: dict, summary: dict) -> list[str]:
         f"\nTransformer++ arm (`tfm++-tiny` body, residual stream, {t['parameters']:,} parameters): "
         f"{t['mean']:.4f} ± {fmt(t['std'], '.4f')} ({len(t['final_val_loss'])} seeds)."
     ]
+    long = arm.get("baseline_long")
+    curve = f"its {long['steps']}-step curve" if long else f"its own {results['steps']}-step curve"
     for name in ("mudd", "residual"):
         v = summary["mudd_vs" if name == "mudd" else "residual_vs"][TFMPP] = versus(merged, name, TFMPP)
         ratio = merged["connections"][name]["std"] / t["std"] if t["std"] else None
+        relative = (
+            f"; divided by Transformer++'s own {results['steps']}-step reading of that curve "
+            f"({v['baseline_own']:.2f}x), {format_multiplier(v['multiplier_flops_relative'])}"
+            if v["baseline_own"]
+            else ""
+        )
         lines.append(
             f"- {name} against Transformer++: Δ {v['delta']:+.4f}, p {format_p(v)}, d {fmt(v['d'], '+.2f')}, "
-            f"seed std {fmt(ratio, '.2f')}x Transformer++'s, compute multiplier on its own {results['steps']}-step "
-            f"curve {format_multiplier(v['multiplier_flops'])} in FLOPs ({format_multiplier(v['multiplier'])} in "
-            "steps; > marks a bound: its curve ends above that loss)"
+            f"seed std {fmt(ratio, '.2f')}x Transformer++'s, compute multiplier on {curve} "
+            f"{format_multiplier(v['multiplier_flops'])} in FLOPs ({format_multiplier(v['multiplier'])} in "
+            f"steps{relative}; > marks a bound: the curve ends above that loss)"
         )
+    if long:  # the issue's targets, read against Transformer++ itself (the planned ones read residual)
+        named = targets(m, t, "Transformer++", summary["mudd_vs"][TFMPP]["multiplier_flops"])
+        summary["targets_transformer++"] = {k: {"met": ok, "value": text} for k, (ok, text) in named.items()}
+        lines += ["", "The targets read against the Transformer++ arm:"] + target_table(named)
     summary["transformer++"] = {"mean": t["mean"], "std": t["std"], "final_val_loss": t["final_val_loss"]}
     summary["mudd_std_over_transformer++"] = m["std"] / t["std"] if t["std"] else None
     return lines
@@ -197,23 +236,9 @@ def main() -> None:
         )
     m, r = (main_results["connections"][n] for n in ("mudd", "residual"))
     against = summary["mudd_vs"]["residual"]
-    mult = against["multiplier_flops"]  # the paper's multiplier is in compute
-    p = m["welch"]["p"]
-    targets = {
-        "p < 0.01 against residual (two-sided Welch, MUDD lower)": (
-            None if p is None else p < 0.01 and m["mean"] < r["mean"],
-            f"p {format_p(m['welch'])}, Δ {m['delta_vs_baseline']:+.4f}",
-        ),
-        "seed std <= 2x residual's": (
-            None if None in (m["std"], r["std"]) else m["std"] <= 2 * r["std"],
-            f"{fmt(m['std'], '.4f')} against {fmt(r['std'], '.4f')}",
-        ),
-        "compute multiplier >= 1.5": (reaches(mult, 1.5), format_multiplier(mult)),
-    }
-    summary["targets"] = {k: {"met": ok, "value": text} for k, (ok, text) in targets.items()}
-    lines += ["", "| target | met | value |", "|---|---|---|"]
-    verdict = {True: "yes", False: "no", None: "not determined"}
-    lines += [f"| {k} | {verdict[ok]} | {text} |" for k, (ok, text) in targets.items()]
+    named = targets(m, r, "residual", against["multiplier_flops"])  # the paper's multiplier is in compute
+    summary["targets"] = {k: {"met": ok, "value": text} for k, (ok, text) in named.items()}
+    lines += target_table(named)
     if against["baseline_own"] is not None:
         relative = against["multiplier_flops_relative"]
         lines.append(
