@@ -178,11 +178,13 @@ def arm_lines(results: dict, arm: dict, summary: dict) -> list[str]:
             if v["baseline_own"]
             else ""
         )
+        bounded = v["multiplier_flops"]["multiplier"] is None
+        bound_note = "; > marks a bound: the curve ends above that loss" if bounded else ""
         lines.append(
             f"- {name} against Transformer++: Δ {v['delta']:+.4f}, p {format_p(v)}, d {fmt(v['d'], '+.2f')}, "
             f"seed std {fmt(ratio, '.2f')}x Transformer++'s, compute multiplier on {curve} "
             f"{format_multiplier(v['multiplier_flops'])} in FLOPs ({format_multiplier(v['multiplier'])} in "
-            f"steps{relative}; > marks a bound: the curve ends above that loss)"
+            f"steps{relative}{bound_note})"
         )
     if long:  # the issue's targets, read against Transformer++ itself (the planned ones read residual)
         named = targets(m, t, "Transformer++", summary["mudd_vs"][TFMPP]["multiplier_flops"])
